@@ -1,0 +1,5 @@
+import sys
+
+from lorafit.cli import main
+
+sys.exit(main())
