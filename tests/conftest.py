@@ -28,11 +28,9 @@ def build_tiny_llama(vocab_size: int = 128, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, **overrides,
-    )
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=vocab_size, **{**sizes, **overrides})
     return LlamaForCausalLM(config).eval()
 
 
@@ -40,11 +38,9 @@ def build_tiny_qwen2(vocab_size: int = 128, seed: int = 0, **overrides):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, **overrides,
-    )
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    config = Qwen2Config(vocab_size=vocab_size, **{**sizes, **overrides})
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -52,7 +48,8 @@ def build_tiny_gpt2(vocab_size: int = 128, seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512, **overrides)
+    sizes = dict(n_embd=32, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(vocab_size=vocab_size, **{**sizes, **overrides})
     return GPT2LMHeadModel(config).eval()
 
 

@@ -1,0 +1,153 @@
+"""Finding the target modules of a model and wrapping them in place."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lorafit.errors import TargetModulesError
+from lorafit.lora.config import ALL_LINEAR, LoraConfig
+from lorafit.lora.layer import LoraLinear, ModulesToSave
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def matches(name: str, patterns: list[str] | str) -> bool:
+    """PEFT's rule: a string is a regex over the full name; a list matches the name or a `.suffix`."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if is_linear(module)]
+
+
+def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the linear modules `config` selects; an error listing candidates when none."""
+    targets = config.target_modules
+    heads = _output_head_names(model)
+    saved = config.modules_to_save or []
+    selected = []
+    for name, module in model.named_modules():
+        if not is_linear(module) or (saved and matches(name, saved)):
+            continue
+        if targets == ALL_LINEAR:
+            chosen = name not in heads
+        else:
+            chosen = bool(targets) and matches(name, targets)
+        if chosen and config.exclude_modules and matches(name, config.exclude_modules):
+            chosen = False
+        if chosen:
+            selected.append(name)
+    if targets and not selected:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
+        raise TargetModulesError(
+            f"target_modules={targets!r} matched no linear module of {type(model).__name__}. "
+            f"Its linear modules are named: {', '.join(names)} (or use 'all-linear')"
+        )
+    return selected
+
+
+def _pattern_value(name: str, patterns: dict, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def add_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype | None = None) -> nn.Module:
+    """Wrap the target modules of `model` in place, freeze everything else, and return `model`."""
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ValueError("this model already has LoRA layers; merge_lora() them or start from a fresh base")
+    targets = find_target_modules(model, config)
+    model.requires_grad_(False)
+    for name in targets:
+        base = model.get_submodule(name)
+        r = _pattern_value(name, config.rank_pattern, config.r)
+        alpha = _pattern_value(name, config.alpha_pattern, config.lora_alpha)
+        layer = LoraLinear(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                           scaling=config.scaling_for(r, alpha), init_lora_weights=config.init_lora_weights,
+                           adapter_dtype=adapter_dtype)
+        _set_submodule(model, name, layer)
+    saved = find_modules_to_save(model, config.modules_to_save)
+    for name in saved:
+        _set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
+    model.lora_config = config
+    return model
+
+
+def find_modules_to_save(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    if not patterns:
+        return []
+    names = [name for name, _ in model.named_modules() if name and matches(name, patterns)]
+    # Keep the outermost match only (a pattern matching a block should not also wrap its children).
+    names = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+    missing = [p for p in patterns if not any(matches(n, [p]) for n in names)]
+    if missing:
+        raise TargetModulesError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+    return names
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once (as PEFT counts)."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = True) -> nn.Module:
+    """Recompute activations in the backward pass, with LoRA still receiving gradients.
+
+    With reentrant checkpointing a block whose inputs need no grad produces outputs that need none
+    either, and the frozen base would cut the graph before any LoRA layer: making the input
+    embeddings require grad keeps it connected. The KV cache is useless while training and
+    conflicts with recomputation, so it is switched off.
+    """
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,154 @@
+"""The LoRA layer: a frozen linear map plus a trainable low-rank update.
+
+For a frozen weight W (out x in), LoRA (Hu et al., 2021) learns the update as a product of two
+thin matrices, A (r x in) and B (out x r), with r much smaller than in and out:
+
+    y = W x + (alpha / r) * B A dropout(x)
+
+Only A and B train: r * (in + out) parameters instead of in * out. B starts at zero, so at step 0
+the layer is exactly the base layer; A starts Kaiming-uniform (PEFT's default) or Gaussian with
+std 1/r, so gradients reach B from the first step. `alpha / r` keeps the update's size roughly
+independent of the rank (rsLoRA uses `alpha / sqrt(r)`, which stays stable at high ranks).
+Merging folds the update into the weight, W' = W + (alpha / r) B A, after which the layer costs
+nothing extra at inference.
+
+Dtype policy (the one place it is stated): the base weight stays in its load dtype; A and B are
+stored in `adapter_dtype` (float32 by default, as master weights for the optimizer) and cast to
+the activation's dtype at use, which costs r * (in + out) elements per call. The activation is
+never upcast: that upcast is what makes PEFT's bf16 path 20-30% slower. Under autocast the matmuls
+follow autocast as usual. The loss is computed in float32 by the model.
+
+GPT-2's `Conv1D` stores W as (in x out) (`fan_in_fan_out`); A and B keep the usual shapes, and
+only merging needs the transpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of an nn.Linear or a GPT-2 style Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        in_features, out_features = module.weight.shape
+        return in_features, out_features, True
+    raise TypeError(f"LoRA wraps nn.Linear or Conv1D layers, not {type(module).__name__}")
+
+
+class LoraLinear(nn.Module):
+    """Wraps (does not subclass) a linear layer: `base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`."""
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 scaling: float | None = None, init_lora_weights: bool | str = True,
+                 adapter_dtype: torch.dtype | None = None):
+        super().__init__()
+        in_features, out_features, fan_in_fan_out = linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.r, self.lora_alpha = r, lora_alpha
+        self.scaling = lora_alpha / r if scaling is None else scaling
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        device = base_layer.weight.device
+        dtype = adapter_dtype or (torch.float32 if base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+                                  else base_layer.weight.dtype)
+        if device.type == "meta":
+            device = None
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None  # exact copy kept by a reversible merge
+        self.reset_lora_parameters(init_lora_weights)
+
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            if init_lora_weights is False:  # a random, non-identity start (tests, research)
+                nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, so code that inspects `module.weight` keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
+        a = self.lora_A.weight.to(dtype)
+        b = self.lora_B.weight.to(dtype)
+        update = F.linear(F.linear(self.lora_dropout(x).to(dtype), a), b)
+        return result + update.mul_(self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A in the base weight's layout, computed in float32."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold the update into the base weight; with `keep_original`, `unmerge` restores it exactly."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        if keep_original:
+            self._unmerged_weight = weight.detach().clone()
+        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self._unmerged_weight is None:
+            raise RuntimeError("this layer was merged without keeping its original weight; reload the base model")
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: a trainable copy beside the frozen original (PEFT's layout and names).
+
+    PEFT names the copy `modules_to_save.default`; its files store it as `<path>.weight`. Keeping the original allows an exact un-merge and keeps the
+    parameter count identical to PEFT's.
+    """
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        import copy
+
+        self.original_module = original_module
+        self.original_module.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict({"default": copy.deepcopy(original_module)})
+        self.modules_to_save["default"].requires_grad_(True)
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.modules_to_save["default"]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.trained.weight
+
+    def forward(self, *args, **kwargs):
+        return self.trained(*args, **kwargs)
