@@ -1,0 +1,153 @@
+"""Training-step cost of lorafit's LoRA layer vs. PEFT's, against the frozen-model floor, in one run.
+
+Each variant runs the same forward + backward + optimizer step on the same model and batch:
+  floor    the base model, frozen, with gradients flowing to the input embeddings only: the work
+           every LoRA method must do at least (activation gradients through every layer)
+  lorafit  lorafit.add_lora, target all-linear
+  peft     peft.get_peft_model with the same LoraConfig (PEFT's defaults: fp32 adapters, autocast)
+and prints the median step time, tokens/s and peak memory, with ratios to the floor and between us
+and PEFT. Timings interleave the variants round by round so drift hits all of them alike.
+
+    python bench/bench_train_step.py                      # CPU, the embedded model, fp32
+    python bench/bench_train_step.py --device cuda --dtype bfloat16 --model random-1b --batch 8 --seq 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+import warnings
+
+import torch
+
+import lorafit
+from lorafit.models import load_model
+
+
+def build_model(name: str, dtype: torch.dtype, device: str, attn: str | None):
+    if name.startswith("random-"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        sizes = {"random-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8),
+                 "random-tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                     num_attention_heads=8, num_key_value_heads=4)}[name]
+        config = LlamaConfig(vocab_size=49152, max_position_embeddings=4096, **sizes)
+        if attn:
+            config._attn_implementation = attn
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).to(dtype=dtype, device=device)
+    return load_model(name, dtype=dtype, attn_implementation=attn).to(device)
+
+
+def make_variant(kind: str, args, dtype, device):
+    model = build_model(args.model, dtype, device, args.attn)
+    model.config.use_cache = False
+    if kind == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        params = []
+    elif kind == "lorafit":
+        lorafit.add_lora(model, lorafit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
+                                                   target_modules="all-linear"))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        import peft
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=2 * args.rank,
+                                                               lora_dropout=0.05, target_modules="all-linear"))
+        params = [p for p in model.parameters() if p.requires_grad]
+    if args.grad_ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) \
+            if hasattr(model, "activation_checkpointing_enable") else model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda") if params else None
+    return model, optimizer
+
+
+def step(model, optimizer, batch, device, autocast_dtype):
+    with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = model(**batch).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--autocast", action="store_true", help="run under torch.autocast(dtype) as the Trainer's --bf16 does")
+    parser.add_argument("--attn", default=None, help="attn_implementation, e.g. sdpa")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--grad_ckpt", action="store_true")
+    parser.add_argument("--variants", default="floor,lorafit,peft")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    autocast_dtype = dtype if args.autocast and dtype != torch.float32 else None
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (args.batch, args.seq), device=args.device)
+    batch = {"input_ids": ids, "labels": ids}
+
+    kinds = args.variants.split(",")
+    variants = {kind: make_variant(kind, args, dtype, args.device) for kind in kinds}
+    times = {kind: [] for kind in kinds}
+    peak = {}
+    for kind in kinds:
+        model, optimizer = variants[kind]
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            step(model, optimizer, batch, args.device, autocast_dtype)
+        sync(args.device)
+        peak[kind] = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    for _ in range(args.steps):  # interleaved rounds
+        for kind in kinds:
+            model, optimizer = variants[kind]
+            sync(args.device)
+            start = time.perf_counter()
+            step(model, optimizer, batch, args.device, autocast_dtype)
+            sync(args.device)
+            times[kind].append(time.perf_counter() - start)
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\ndevice: {device_name} | model: {args.model} | dtype: {args.dtype}{' +autocast' if autocast_dtype else ''} "
+          f"| batch {args.batch} x seq {args.seq} | rank {args.rank} all-linear | grad ckpt {args.grad_ckpt} "
+          f"| torch {torch.__version__} | commit {commit()}")
+    floor = statistics.median(times["floor"]) if "floor" in times else None
+    print(f"{'variant':<9} {'step ms':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")
+    for kind in kinds:
+        median = statistics.median(times[kind])
+        ratio = f"{median / floor:8.3f}" if floor else "       -"
+        print(f"{kind:<9} {median * 1e3:9.1f} {args.batch * args.seq / median:10.0f} {ratio} {peak[kind]:9.2f}")
+    if "lorafit" in times and "peft" in times:
+        speedup = statistics.median(times["peft"]) / statistics.median(times["lorafit"])
+        print(f"peft / lorafit step time: {speedup:.3f}  (>1 means lorafit is faster)")
+
+
+if __name__ == "__main__":
+    main()
