@@ -12,6 +12,11 @@ each example is -100 so no example is trained to predict the next one's first to
 make the causal mask block-diagonal, and flash-attention uses its varlen kernel, so no token attends
 across an example boundary and the loss equals the unpacked loss (tests/data/test_collate.py checks
 both on a tiny model). This is the layout of `transformers.DataCollatorWithFlattening`.
+
+One condition: transformers looks for those restarts only when the forward pass builds no KV cache.
+With ``use_cache=True`` (most configs' default) the packed examples silently attend to each other.
+The transformers 5 Trainer sets ``model.config.use_cache = args.use_cache`` (False by default); any
+other loop must call `prepare_model_for_packing(model)` (or pass ``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -82,3 +87,11 @@ def build_collator(data_args, tokenizer):
     """The `data_collator` for the Trainer or a DataLoader: packing when --packing, else padding."""
     collator = PackingCollator if data_args.packing else PaddingCollator
     return collator(pad_token_id(tokenizer), data_args.pad_to_multiple_of)
+
+
+def prepare_model_for_packing(model):
+    """Turn the KV cache off, without which transformers cannot see packed example boundaries."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = False
+    return model
