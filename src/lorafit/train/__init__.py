@@ -1,0 +1,1 @@
+"""Training: `lorafit train` (run.py) on the Hugging Face Trainer, with lorafit's arguments and reports."""

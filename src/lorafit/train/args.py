@@ -1,0 +1,434 @@
+"""`lorafit train` arguments: four dataclasses parsed by `transformers.HfArgumentParser`.
+
+Users of the `run_clm` LoRA recipe know these flags already: model arguments, the data arguments
+of `lorafit.data.args`, LoRA arguments, and every `TrainingArguments` flag. Three things are ours:
+
+* a YAML (or JSON) file may come first, `lorafit train run.yaml --learning_rate 1e-4`; precedence
+  is lorafit's defaults < the file < flags;
+* an unknown or misspelled name, on the command line or in the file, is an error naming the
+  closest valid one (argparse's prefix matching is off, so `--learning_rat` is not silently taken);
+* defaults suited to LoRA where the user gives none (`LorafitTrainingArguments` below): the
+  Trainer's defaults (lr 5e-5, linear schedule, a log every 500 steps) are tuned for full
+  fine-tuning of large data and would show nothing at all on a small data set.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from lorafit.data.args import DataArguments
+from lorafit.errors import UserError
+from lorafit.models import EMBEDDED_MODEL
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# Names other recipes use for the same thing; the right-hand side is the flag that takes the value.
+RENAMED = {
+    "warmup_ratio": "warmup_steps",          # transformers 5 folded it into warmup_steps < 1
+    "evaluation_strategy": "eval_strategy",  # transformers < 4.46 spelling
+    "trainable": "target_modules",           # Chinese-LLaMA-Alpaca's run_clm_sft_with_peft
+    "lora_trainable": "target_modules",
+    "lora_target": "target_modules",         # LLaMA-Factory
+    "lora_r": "lora_rank",
+    "max_seq_length": "cutoff_len",
+    "dtype": "torch_dtype",
+    "gradient_checkpointing": "activation_checkpointing",  # transformers 5's name; the old one warns
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+class ArgumentsError(UserError):
+    """A bad flag, value or configuration file for `lorafit train`."""
+
+
+@dataclass
+class ModelArguments:
+    _argument_group_name = "model arguments"
+
+    model_name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": f"base model: a folder, a Hub id, or '{EMBEDDED_MODEL}' (the embedded model, no download)"},
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "tokenizer folder or id, when it differs from the model's"}
+    )
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "dtype of the frozen base weights: auto, float32, bfloat16, float16. Default: "
+                          "bfloat16/float16 with --bf16/--fp16 for LoRA (adapters stay float32), float32 otherwise",
+                  "choices": DTYPE_CHOICES},
+    )
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "attention kernel: eager, sdpa, flash_attention_2 (default: transformers')"}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "run model code shipped with a Hub checkpoint (off: it is arbitrary code)"}
+    )
+
+
+@dataclass
+class LoraArguments:
+    _argument_group_name = "LoRA arguments"
+
+    use_peft: bool = field(
+        default=True, metadata={"help": "train a LoRA adapter; --use_peft false fine-tunes every weight"}
+    )
+    lora_impl: Literal["native", "peft"] = field(
+        default="native",
+        metadata={"help": "LoRA implementation: lorafit's own (native) or the peft library (for comparison)"},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "rank r of the update B A"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "scaling numerator: the update is scaled by alpha / r"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input"})
+    target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "modules to adapt: 'all-linear' (every linear layer but the output head), a comma list "
+                          "of name suffixes (q_proj,v_proj), or a regex over full module names"},
+    )
+    exclude_modules: Optional[str] = field(
+        default=None, metadata={"help": "comma list or regex of modules never to adapt"}
+    )
+    modules_to_save: Optional[str] = field(
+        default=None, metadata={"help": "comma list of modules trained in full, e.g. embed_tokens,lm_head"}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    peft_path: Optional[str] = field(
+        default=None, metadata={"help": "continue training this adapter folder (lorafit or PEFT layout)"}
+    )
+
+    def __post_init__(self):
+        if self.lora_rank <= 0:
+            raise ArgumentsError(f"--lora_rank must be a positive integer, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ArgumentsError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.peft_path is not None:
+            if not self.use_peft:
+                raise ArgumentsError("--peft_path continues a LoRA adapter; it cannot be combined with --use_peft false")
+            if not (Path(self.peft_path) / "adapter_config.json").is_file():
+                raise ArgumentsError(f"--peft_path {self.peft_path}: not an adapter folder (no adapter_config.json)")
+
+
+def split_module_list(value) -> list[str] | str | None:
+    """'q_proj,v_proj' -> ['q_proj', 'v_proj']; 'all-linear' and regexes stay strings; None stays None."""
+    if value is None or isinstance(value, list):
+        return value
+    value = value.strip()
+    if value in ("", "none", "None"):
+        return None
+    if value == "all-linear" or any(ch in value for ch in "*^$|()[]\\+?"):
+        return value
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+@dataclass
+class LorafitTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults for LoRA on small to medium data (each changed one says why)."""
+
+    _argument_group_name = "training arguments (transformers.TrainingArguments)"
+
+    output_dir: Optional[str] = field(
+        default="outputs/lorafit", metadata={"help": "where the adapter, checkpoints and reports are written"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "write into an output_dir that already holds a finished run or checkpoints"},
+    )
+    # LoRA trains a few million parameters from a zero update: it wants a ~10x larger step than
+    # full fine-tuning (the LoRA paper and the run_clm recipe use 1e-4 to 3e-4).
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up"})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "linear warm-up: a number of steps, or a fraction of all steps when < 1"}
+    )
+    warmup_ratio: Optional[float] = field(
+        default=None, metadata={"help": "the run_clm recipe's spelling of a fractional --warmup_steps"}
+    )
+    # A fraction: a log point every 1% of the run, so ten steps and ten thousand both show a curve.
+    logging_steps: float = field(
+        default=0.01, metadata={"help": "log every N steps, or every fraction of the run when < 1"}
+    )
+    logging_first_step: bool = field(default=True, metadata={"help": "log the loss of the very first step"})
+    save_steps: float = field(
+        default=0.1, metadata={"help": "checkpoint every N steps, or every fraction of the run when < 1"}
+    )
+    save_total_limit: Optional[int] = field(
+        default=3, metadata={"help": "keep at most this many checkpoints (adapter-only, so they are small)"}
+    )
+    eval_steps: Optional[float] = field(
+        default=None, metadata={"help": "evaluate every N steps (or fraction); default: as often as checkpoints"}
+    )
+    report_to: Optional[str] = field(
+        default="none", metadata={"help": "experiment trackers (wandb, tensorboard, ...); lorafit always writes "
+                                          "metrics.jsonl and loss.png"}
+    )
+    # Our collator needs input_ids and labels only; the Trainer must not drop columns by peeking
+    # at the model's forward signature.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "drop dataset columns the model does not take"})
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "count input tokens (all, non_padding, no): tokens/s in the logs"}
+    )
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0.0 <= self.warmup_ratio < 1.0:
+                raise ArgumentsError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, LorafitTrainingArguments)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `lorafit train` was asked to do, plus which names the user set explicitly."""
+
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    training: LorafitTrainingArguments
+    explicit: set[str]
+    config_file: Optional[str] = None
+
+
+class _Parser(HfArgumentParser):
+    """argparse reports errors by exiting; lorafit reports them as UserError (exit 2, no traceback)."""
+
+    def error(self, message):
+        raise ArgumentsError(message)
+
+
+def build_parser() -> HfArgumentParser:
+    parser = _Parser(
+        ARGUMENT_CLASSES, prog="lorafit train", allow_abbrev=False,
+        description="Fine-tune a causal language model with LoRA. "
+                    "usage: lorafit train [config.yaml] [--flag value ...]; flags override the file.",
+    )
+    return parser
+
+
+def valid_names(parser) -> list[str]:
+    return sorted({action.dest for action in parser._actions if action.dest != "help"})
+
+
+def _unknown_name_error(name: str, names: list[str], where: str) -> ArgumentsError:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"; did you mean --{close[0]}?" if close else "; see lorafit train --help"
+    return ArgumentsError(f"unknown argument '{name}' {where}{hint}")
+
+
+def read_config_file(path: str, names: list[str]) -> dict:
+    """A flat mapping of argument names to values; unknown names fail with a suggestion."""
+    file = Path(path)
+    if not file.is_file():
+        raise ArgumentsError(f"configuration file {path} does not exist")
+    try:
+        text = file.read_text(encoding="utf-8")
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ArgumentsError(f"{path}: not valid {file.suffix.lstrip('.').upper()}: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ArgumentsError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}")
+    resolved = {}
+    for key, value in values.items():
+        name = RENAMED.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if name not in names:
+            raise _unknown_name_error(str(key), names, f"in {path}")
+        resolved[name] = value
+    return resolved
+
+
+def _rename_flags(argv: list[str]) -> list[str]:
+    renamed = []
+    for token in argv:
+        if token.startswith("--"):
+            flag, eq, value = token[2:].partition("=")
+            flag = flag.replace("-", "_")
+            if flag in RENAMED:
+                token = f"--{RENAMED[flag]}{eq}{value}"
+        renamed.append(token)
+    return renamed
+
+
+def _explicit_names(argv: list[str], names: list[str]) -> set[str]:
+    explicit = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].partition("=")[0].replace("-", "_")
+            if name not in names and name.startswith("no_") and name[3:] in names:
+                name = name[3:]
+            explicit.add(name)
+    return explicit
+
+
+def _apply_contextual_defaults(values: dict, explicit: set[str]) -> None:
+    """Defaults that depend on other arguments: evaluation when there is eval data, bf16 on GPUs."""
+    has_eval_data = bool(values.get("validation_file")) or (values.get("validation_split_percentage") or 0) > 0
+    if has_eval_data and "eval_strategy" not in explicit and "do_eval" not in explicit:
+        values["eval_strategy"] = values.get("save_strategy") if values.get("save_strategy") != "no" else "steps"
+    if values.get("do_eval") and not has_eval_data:
+        raise ArgumentsError("--do_eval needs evaluation data: --validation_file FILE or --validation_split_percentage N")
+    if values.get("do_eval") and "eval_strategy" not in explicit:
+        values["eval_strategy"] = values.get("eval_strategy") if values.get("eval_strategy") not in (None, "no") else "steps"
+    if values.get("eval_strategy") not in (None, "no") and values.get("eval_steps") is None:
+        values["eval_steps"] = values.get("save_steps")
+    if not ({"bf16", "fp16", "use_cpu"} & explicit) and _cuda_supports_bf16():
+        values["bf16"] = True
+    if values.get("use_peft", True) and "ddp_find_unused_parameters" not in explicit:
+        # Data parallel tracks only trainable parameters, and every adapter weight is used in every
+        # forward: the search for unused ones is an extra graph traversal per step for nothing.
+        values["ddp_find_unused_parameters"] = False
+    if not _has_accelerator():
+        if "dataloader_pin_memory" not in explicit:
+            values["dataloader_pin_memory"] = False  # pinning needs an accelerator; on CPU it only warns
+        if "use_cpu" not in explicit:
+            # Without it, accelerate sees a torchrun launch on a CPU-only machine as a single
+            # process: every rank would train on all the data and write its own files.
+            values["use_cpu"] = True
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 covers cuda, mps, xpu, ...
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def _cuda_supports_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse `[config.yaml] [--flag value ...]` into a TrainConfig; every mistake is an ArgumentsError."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    names = valid_names(parser)
+    config_file = None
+    file_values: dict = {}
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        config_file, argv = argv[0], argv[1:]
+        file_values = read_config_file(config_file, names)
+    argv = _rename_flags(argv)
+    parser.set_defaults(**file_values)
+    namespace, remaining = parser.parse_known_args(argv)
+    for token in remaining:
+        if token.startswith("-"):
+            raise _unknown_name_error(token.lstrip("-").partition("=")[0], names, "on the command line")
+        raise ArgumentsError(f"unexpected value '{token}' (a configuration file must come first and end in .yaml)")
+    explicit = set(file_values) | _explicit_names(argv, names)
+    values = vars(namespace)
+    _apply_contextual_defaults(values, explicit)
+    built = []
+    for cls in ARGUMENT_CLASSES:
+        keys = {f.name for f in fields(cls) if f.init}
+        try:
+            built.append(cls(**{k: v for k, v in values.items() if k in keys}))
+        except UserError:
+            raise
+        except (ValueError, TypeError) as error:  # TrainingArguments validates in __post_init__
+            raise ArgumentsError(str(error)) from None
+    model, data, lora, training = built
+    return TrainConfig(model=model, data=data, lora=lora, training=training, explicit=explicit,
+                       config_file=config_file)
+
+
+# --- writing the resolved configuration back out -------------------------------------------
+
+# Never written to lorafit_config.yaml: secrets, and fields that only describe this process.
+NOT_WRITTEN = {"hub_token", "push_to_hub_token", "local_rank", "warmup_ratio", "overwrite_output_dir",
+               "gradient_checkpointing", "gradient_checkpointing_kwargs"}  # the last two: old names
+# Chosen for this machine by _apply_contextual_defaults; written only when the user set them, so the
+# file reruns well on another machine.
+MACHINE_DEFAULTS = {"use_cpu", "dataloader_pin_memory", "bf16"}
+
+
+def _plain(value):
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _field_default(f):
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+def _is_unset(value) -> bool:
+    # TrainingArguments normalises "nothing" differently per field (None, False, [], "none", "").
+    return value in (None, False, "", "none") or value == [] or value == {}
+
+
+def _same_as_default(name: str, value, default) -> bool:
+    if value == default or (_is_unset(value) and _is_unset(default)):
+        return True
+    if name == "accelerator_config" and default is None:
+        from transformers.trainer_pt_utils import AcceleratorConfig
+
+        return value == {k: v for k, v in AcceleratorConfig().to_dict().items() if k in value}
+    return False
+
+
+def _dataclass_values(obj, only_changed: bool = False, skip: set[str] = frozenset()) -> dict:
+    """Field values as plain YAML types. With `only_changed`, fields equal to their declared default
+    are left out (compared with the declaration, not a fresh instance: building TrainingArguments
+    can reset the process's distributed state)."""
+    plain = obj.to_dict() if hasattr(obj, "to_dict") else {}  # TrainingArguments' own serialisation
+    values = {}
+    for f in fields(obj):
+        if not f.init or f.name in NOT_WRITTEN or f.name in skip or f.name.startswith("_"):
+            continue
+        value = _plain(plain.get(f.name, getattr(obj, f.name)))
+        if only_changed and f.name not in ALWAYS_WRITTEN and _same_as_default(f.name, value, _plain(_field_default(f))):
+            continue
+        values[f.name] = value
+    return values
+
+
+# The handful of training flags a reader looks for first, written even when left at default.
+ALWAYS_WRITTEN = {"output_dir", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
+                  "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+                  "logging_steps", "save_steps"}
+
+
+def config_sections(config: TrainConfig) -> dict[str, dict]:
+    """The resolved arguments, grouped; training arguments left at their default are omitted."""
+    return {
+        "model": _dataclass_values(config.model),
+        "data": _dataclass_values(config.data),
+        "lora": _dataclass_values(config.lora),
+        "training": _dataclass_values(config.training, only_changed=True, skip=MACHINE_DEFAULTS - config.explicit),
+    }
+
+
+def write_config_yaml(config: TrainConfig, path: str | Path, header: str = "") -> Path:
+    """Write a flat YAML file that `lorafit train <file>` reruns, with a comment line per group."""
+    path = Path(path)
+    lines = [f"# {line}" for line in header.splitlines()] if header else []
+    for section, values in config_sections(config).items():
+        lines.append(f"\n# --- {section} arguments ---")
+        lines.append(yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=120).rstrip())
+    path.write_text("\n".join(lines).lstrip("\n") + "\n", encoding="utf-8")
+    return path
