@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
 from lorafit.data.args import DataArguments
 from lorafit.data.collate import PackingCollator, PaddingCollator, build_collator, prepare_model_for_packing
 from lorafit.data.render import IGNORE_INDEX
@@ -49,9 +48,10 @@ def test_build_collator_follows_packing_flag(smol_tokenizer):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_qwen2, build_tiny_gpt2])
-def test_packed_loss_and_logits_equal_unpacked(builder, attn):
-    model = prepare_model_for_packing(builder(attn_implementation=attn).float())
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
+def test_packed_loss_and_logits_equal_unpacked(request, model_fixture, attn):
+    model = prepare_model_for_packing(request.getfixturevalue(model_fixture).float())
+    model.set_attn_implementation(attn)
     features = examples()
     with torch.no_grad():
         padded = PaddingCollator(PAD)(features)
@@ -68,9 +68,9 @@ def test_packed_loss_and_logits_equal_unpacked(builder, attn):
         offset += length
 
 
-def test_packing_needs_the_cache_off():
+def test_packing_needs_the_cache_off(tiny_llama):
     # the trap prepare_model_for_packing avoids: with a KV cache, transformers skips boundary detection
-    model = build_tiny_llama()
+    model = tiny_llama
     features = examples()
     with torch.no_grad():
         padded = model(**PaddingCollator(PAD)(features)).loss.item()
@@ -78,8 +78,8 @@ def test_packing_needs_the_cache_off():
     assert abs(padded - cached) > 1e-4
 
 
-def test_packed_gradients_equal_unpacked():
-    model = prepare_model_for_packing(build_tiny_llama().train())
+def test_packed_gradients_equal_unpacked(tiny_llama):
+    model = prepare_model_for_packing(tiny_llama.train())
     features = examples(seed=1)
     grads = []
     for collator in (PaddingCollator(PAD), PackingCollator(PAD)):

@@ -151,6 +151,8 @@ def _tokenize(conversations: list, data_args, tokenizer, fingerprint: str):
 
 def _finish_split(processed, summary: DataSummary, problems: list, count_stats: bool):
     """Record render failures as problems, drop bad and untrainable rows, add counts to the summary."""
+    if len(processed) == 0:
+        return _empty_split()
     columns = processed.select_columns(["ordinal", "source", "tools", "error", "truncated", "turns_dropped",
                                         "responses_cut", "trained"]).to_dict()
     keep = []
@@ -172,6 +174,14 @@ def _finish_split(processed, summary: DataSummary, problems: list, count_stats: 
         summary.tokens += sum(lengths)
         summary.longest = max(lengths, default=0)
     return kept
+
+
+def _empty_split():
+    import datasets
+
+    tokens = datasets.List(datasets.Value("int64"))
+    features = datasets.Features({"source": datasets.Value("string"), "input_ids": tokens, "labels": tokens})
+    return datasets.Dataset.from_dict({"source": [], "input_ids": [], "labels": []}, features=features)
 
 
 def _prepare(data_args, tokenizer, train_files, eval_files, seed):

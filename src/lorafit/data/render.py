@@ -5,8 +5,9 @@ assistant message we render the conversation up to it (with the generation promp
 inference feeds the model) and up to and including it. Both renderings, tokenized, must be token
 prefixes of the whole conversation's tokens; the assistant span is the tokens between them. When a
 template rewrites history (drops earlier reasoning, moves a system prompt) or the text at a boundary
-merges into one token, the prefix property breaks and the record is rejected with a reason, rather
-than silently training on misaligned labels.
+merges into one token (a reply starting with two spaces or newlines, under byte-level BPE), the
+prefix property breaks and the record is rejected with a reason saying which of the two happened,
+rather than silently training on misaligned labels.
 
 Inside a span, the reply and its end-of-turn token (``<|im_end|>``, ``</s>``, ``<|eot_id|>``...) are
 labelled, so the model learns to stop even when pad == eos (padding is masked later by position,
@@ -91,13 +92,22 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools=None, end_of_tu
     messages = trim_after_last_assistant(messages)
     end_of_turn = set(end_of_turn_token_ids(tokenizer) if end_of_turn_ids is None else end_of_turn_ids)
     leading = leading_special_ids(tokenizer)
-    input_ids = encode_text(tokenizer, render_text(tokenizer, messages, tools), leading)
+    whole_text = render_text(tokenizer, messages, tools)
+    input_ids = encode_text(tokenizer, whole_text, leading)
     turns, previous_end = [], 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = encode_text(tokenizer, render_text(tokenizer, messages[:index], tools, True), leading)
-        through = encode_text(tokenizer, render_text(tokenizer, messages[: index + 1], tools), leading)
+        prompt_text = render_text(tokenizer, messages[:index], tools, True)
+        through_text = render_text(tokenizer, messages[: index + 1], tools)
+        prompt = encode_text(tokenizer, prompt_text, leading)
+        through = encode_text(tokenizer, through_text, leading)
+        if not (whole_text.startswith(through_text) and through_text.startswith(prompt_text)):
+            raise BadRecordError(
+                f"message {index} (assistant): the chat template renders earlier turns differently once later "
+                "ones follow (the text up to this reply is not a prefix of the whole conversation), so the "
+                "reply's label span cannot be located; pick another --template"
+            )
         _check_token_prefix(prompt, through, input_ids, index, previous_end)
         response_end = _end_of_response(through, len(prompt), end_of_turn)
         turns.append(AssistantTurn(previous_end, len(prompt), response_end, len(through)))
@@ -108,10 +118,9 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools=None, end_of_tu
 def _check_token_prefix(prompt, through, whole, index, previous_end) -> None:
     if whole[: len(prompt)] != prompt or whole[: len(through)] != through or len(prompt) < previous_end:
         raise BadRecordError(
-            f"message {index} (assistant): the rendered conversation up to this reply is not a token "
-            "prefix of the whole conversation, so its label span cannot be located; either the chat "
-            "template rewrites earlier turns (pick another --template) or text at the boundary merges "
-            "into one token (e.g. a reply starting with whitespace)"
+            f"message {index} (assistant): the prompt before this reply is not a token prefix of the whole "
+            "conversation: text at the boundary merges into one token (typically a reply that starts with "
+            "two or more whitespace characters, merged with the template's header); strip that whitespace"
         )
     if len(through) <= len(prompt):
         raise BadRecordError(f"message {index} (assistant): the reply renders to no tokens")
