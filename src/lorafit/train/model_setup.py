@@ -1,0 +1,90 @@
+"""The model a training run starts from: base weights in their dtype, then an adapter (or none).
+
+Dtype policy for training (the LoRA layer's own policy is in `lorafit/lora/layer.py`): with LoRA
+the frozen base is stored in the compute dtype (`--bf16` -> bfloat16, `--fp16` -> float16), which
+halves its memory and avoids casting every weight at every step, while the adapters stay float32
+master weights. Full fine-tuning keeps float32 weights: an optimizer stepping bf16 weights loses
+small updates to rounding. `--torch_dtype` overrides both.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lorafit.errors import UserError
+from lorafit.lora import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter
+from lorafit.models import load_model
+from lorafit.train.args import LoraArguments, ModelArguments, split_module_list
+
+logger = logging.getLogger(__name__)
+
+
+def base_dtype(model_args: ModelArguments, lora_args: LoraArguments, training_args) -> torch.dtype | str:
+    if model_args.torch_dtype is not None:
+        return model_args.torch_dtype
+    if not lora_args.use_peft:
+        return torch.float32
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def lora_config(lora_args: LoraArguments) -> LoraConfig:
+    try:
+        return LoraConfig(
+            r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+            target_modules=split_module_list(lora_args.target_modules),
+            exclude_modules=split_module_list(lora_args.exclude_modules),
+            modules_to_save=split_module_list(lora_args.modules_to_save), use_rslora=lora_args.use_rslora,
+        )
+    except ValueError as error:
+        raise UserError(f"LoRA arguments: {error}") from None
+
+
+def peft_lora_config(lora_args: LoraArguments):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+        target_modules=split_module_list(lora_args.target_modules),
+        exclude_modules=split_module_list(lora_args.exclude_modules),
+        modules_to_save=split_module_list(lora_args.modules_to_save), use_rslora=lora_args.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(model, lora_args: LoraArguments):
+    """Add a fresh LoRA adapter, continue `--peft_path`, or leave the model for full fine-tuning."""
+    if not lora_args.use_peft:
+        model.requires_grad_(True)
+        return model
+    if lora_args.lora_impl == "peft":
+        from peft import PeftModel, get_peft_model
+
+        if lora_args.peft_path:
+            return PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+        return get_peft_model(model, peft_lora_config(lora_args))
+    if lora_args.peft_path:
+        logger.info("continuing adapter %s (its own LoRA settings apply)", lora_args.peft_path)
+        return load_adapter(model, lora_args.peft_path, trainable=True)
+    return add_lora(model, lora_config(lora_args))
+
+
+def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArguments, training_args):
+    """Load the base model and attach what will be trained; gradient checkpointing is LoRA-aware."""
+    model = load_model(
+        model_path, dtype=base_dtype(model_args, lora_args, training_args),
+        attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
+    )
+    if training_args.activation_checkpointing:
+        kwargs = dict(training_args.activation_checkpointing_kwargs or {})
+        # Before the adapter goes in, so PEFT and lorafit models get the same treatment.
+        enable_gradient_checkpointing(model, use_reentrant=kwargs.get("use_reentrant", True))
+        # Done here once, with input embeddings requiring grad; the Trainer must not redo it
+        # with different settings.
+        training_args.activation_checkpointing = training_args.gradient_checkpointing = False
+    return attach_adapter(model, lora_args)
