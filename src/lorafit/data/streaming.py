@@ -76,7 +76,7 @@ def build_streaming_datasets(data_args, tokenizer, train_files, eval_files, outp
 
     options = FormatOptions.from_args(data_args)
     summary = DataSummary(template=data_args.template_choice, train_on=data_args.train_on, streaming=True,
-                          tokens=None, trained_tokens=None, longest=None)
+                          tokens=None, trained_tokens=None, longest=None, train_examples=None, eval_examples=None)
     problems = check_files(train_files + eval_files, options, summary)
     summary.rejected = len(problems)
     if problems and data_args.on_bad_record == "error":

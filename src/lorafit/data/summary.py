@@ -13,8 +13,8 @@ class DataSummary:
     history_turns_dropped: int = 0  # oldest exchanges removed to fit cutoff_len
     responses_cut: int = 0  # replies cut by a limit (they lose their end-of-turn token)
     dropped: int = 0  # examples left with no trainable token
-    train_examples: int = 0
-    eval_examples: int = 0
+    train_examples: int | None = 0  # None while streaming: not counted ahead
+    eval_examples: int | None = 0
     tokens: int | None = 0  # training tokens (None while streaming: not counted ahead)
     trained_tokens: int | None = 0  # tokens with a label
     longest: int | None = 0
@@ -37,9 +37,11 @@ class DataSummary:
                 "  (these replies lost their end-of-turn token: raise --cutoff_len / --max_target_length?)"
                 if self.responses_cut else ""),
             f"dropped (no label)  {self.dropped}",
-            f"train examples      {self.train_examples}",
-            f"eval examples       {self.eval_examples}",
         ]
+        if self.streaming:
+            lines.append("examples            not counted ahead (--streaming: read lazily during training)")
+        else:
+            lines += [f"train examples      {self.train_examples}", f"eval examples       {self.eval_examples}"]
         if self.tokens is None:
             lines.append("tokens              not counted ahead (--streaming)")
         else:
