@@ -1,0 +1,1 @@
+"""Data files shipped with lorafit (the identity data set of `lorafit demo`)."""
