@@ -4,12 +4,12 @@ is exactly one assistant reply plus its end-of-turn token; truncation never brea
 from __future__ import annotations
 
 import pytest
-from data_helpers import fresh, trained_spans
+from data_helpers import fresh
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lorafit.data.errors import BadRecordError
-from lorafit.data.render import labels_for, render_example
+from lorafit.data.render import labels_for, render_example, tokenize_conversation
 from lorafit.data.templates import set_chat_template
 from lorafit.data.truncate import Limits, fit_conversation
 
@@ -39,12 +39,15 @@ def tokenizers(smol_tokenizer):
     return {name: set_chat_template(fresh(smol_tokenizer), name) for name in TEMPLATES}
 
 
-def check(tokenizer, example, replies):
-    ids, labels = example["input_ids"], example["labels"]
+def check(tokenizer, rendered, labels, replies) -> list[str]:
+    """Labels are -100 or the token; trained positions lie inside reply spans; returns the span texts."""
+    ids = rendered.input_ids
     assert len(ids) == len(labels)
     assert all(label == -100 or label == token for label, token in zip(labels, ids))
-    texts = [tokenizer.decode(ids[a:b]) for a, b in trained_spans(example)]
-    for text in texts:  # each trained span is a whole reply (or, after a cut, the start of one)
+    inside = {p for turn in rendered.turns for p in range(turn.response_start, turn.response_end)}
+    assert all(label == -100 or position in inside for position, label in enumerate(labels))
+    texts = [tokenizer.decode(ids[t.response_start:t.response_end]) for t in rendered.turns]
+    for text in texts:  # each span is a whole reply plus end of turn, or (cut) the start of a reply
         body = text[: -len(EOT)] if text.endswith(EOT) else text.rstrip("\ufffd")  # a cut may split a character
         assert any(reply.startswith(body) for reply in replies), (text, replies)
     return texts
@@ -65,10 +68,13 @@ def render_or_boundary_merge(tokenizer, messages, **kwargs):
 def test_labels_are_exactly_the_replies(tokenizers, messages, template):
     tokenizer = tokenizers[template]
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
-    example = render_or_boundary_merge(tokenizer, messages)
-    assert check(tokenizer, example, replies) == [reply + EOT for reply in replies]
-    last = render_or_boundary_merge(tokenizer, messages, train_on="last_assistant")
-    assert check(tokenizer, last, replies) == [replies[-1] + EOT]
+    if render_or_boundary_merge(tokenizer, messages) is None:
+        return
+    rendered = tokenize_conversation(tokenizer, messages)
+    assert check(tokenizer, rendered, labels_for(rendered), replies) == [reply + EOT for reply in replies]
+    last = labels_for(rendered, "last_assistant")
+    assert [t for t, label in zip(rendered.input_ids, last) if label != -100] == \
+        rendered.input_ids[rendered.turns[-1].response_start:rendered.turns[-1].response_end]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -80,11 +86,10 @@ def test_truncation_keeps_labels_inside_replies(tokenizers, messages, template, 
     if render_or_boundary_merge(tokenizer, messages) is None:
         return
     rendered, report = fit_conversation(tokenizer, messages, Limits(cutoff, None, target))
-    example = {"input_ids": rendered.input_ids, "labels": labels_for(rendered)}
-    assert len(example["input_ids"]) <= cutoff
-    texts = check(tokenizer, example, replies)
-    # whole replies come from the newest turns, in order; only the last one may be a cut one
-    whole = [text for text in texts if text.endswith(EOT)]
-    assert whole == [reply + EOT for reply in replies[len(replies) - len(whole):]] or report.responses_cut
-    if report.responses_cut == 0:
-        assert all(text.endswith(EOT) for text in texts)
+    assert len(rendered.input_ids) <= cutoff
+    texts = check(tokenizer, rendered, labels_for(rendered), replies)
+    # the kept replies are the newest ones, in order; a reply that lost its end of turn was counted as cut
+    kept = replies[len(replies) - len(texts):]
+    assert all(text == reply + EOT or not text.endswith(EOT) for text, reply in zip(texts, kept))
+    assert sum(not text.endswith(EOT) for text in texts) == report.responses_cut
+    assert report.history_turns_dropped == len(replies) - len(texts)

@@ -9,8 +9,8 @@ and inference therefore cannot drift apart.
 Named templates:
 
 * ``auto``: the tokenizer's own template (falls back to ``default`` with a warning when it has none);
-* ``default``: the ``run_clm`` recipe's plain style, prompt then response, with a newline between
-  them and EOS closing each response;
+* ``default``: the ``run_clm`` recipe's plain style, prompt then response, with a newline after
+  each prompt part (system, user, tool) and EOS closing each response;
 * ``alpaca`` (alias ``standard_alpaca``): the Stanford Alpaca prompt ("Below is an instruction...",
   ``### Instruction:`` / ``### Response:``), EOS closing each response;
 * ``chatml``: ``<|im_start|>role\\n...<|im_end|>\\n`` with no default system prompt;
@@ -32,14 +32,14 @@ from lorafit.data.errors import DataConfigError
 
 logger = logging.getLogger(__name__)
 
-# Prompt text ends in rstrip() + "\n" so trailing whitespace in a prompt cannot merge with the reply.
+# Each prompt part is written as rstrip() + "\n" and empty parts not at all, so the text before a
+# reply always ends in one newline after a visible character (or in EOS, or is empty): no whitespace
+# run there can merge with the reply's first token.
 DEFAULT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{ message['content'] + eos_token }}"
-    "{%- elif message['role'] == 'system' -%}"
-    "{{ message['content'].rstrip() + '\n\n' }}"
-    "{%- else -%}"
+    "{%- elif message['content'].rstrip() -%}"
     "{{ message['content'].rstrip() + '\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"

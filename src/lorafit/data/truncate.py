@@ -18,7 +18,7 @@ worse than not teaching it to stop on that example. It is never silent: each cut
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorafit.data.render import AssistantTurn, RenderedConversation, tokenize_conversation, trim_after_last_assistant
 
@@ -47,6 +47,7 @@ class _Segments:
 
     turns: list[tuple[list[int], list[int], list[int]]]
     tail: list[int]
+    cut_replies: set[int] = field(default_factory=set)  # turns whose reply lost its end
 
     @classmethod
     def split(cls, rendered: RenderedConversation) -> "_Segments":
@@ -89,7 +90,8 @@ def apply_turn_limits(segments: _Segments, limits: Limits, report: FitReport) ->
             report.truncated = True
         if limits.max_target_length and len(response) > limits.max_target_length:
             response = response[:limits.max_target_length]
-            report.truncated, report.responses_cut = True, report.responses_cut + 1
+            report.truncated = True
+            segments.cut_replies.add(index)
         segments.turns[index] = (prompt, response, glue)
 
 
@@ -108,7 +110,7 @@ def cut_to_length(segments: _Segments, cutoff_len: int, report: FitReport) -> No
     else:  # keep one token before the reply so its first token still has something to be predicted from
         prompt = prompt[-1:] if earlier == 0 else []
         response = response[: max(cutoff_len - earlier - len(prompt), 0)]
-        report.responses_cut += 1
+        segments.cut_replies.add(len(segments.turns) - 1)
     segments.turns[-1] = (prompt, response, [])
 
 
@@ -127,9 +129,9 @@ def fit_conversation(tokenizer, messages: list[dict], limits: Limits, tools=None
         messages = drop_oldest_exchange(messages)
         report.history_turns_dropped += 1
         report.truncated = True
-        report.responses_cut = 0  # recounted on the shorter conversation
     if limits.cutoff_len is not None:
         cut_to_length(segments, limits.cutoff_len, report)
+    report.responses_cut = len(segments.cut_replies)
     fitted = segments.join()
     fitted.response_cut = report.responses_cut > 0
     return fitted, report
