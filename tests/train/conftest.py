@@ -1,0 +1,30 @@
+"""Fixtures for training tests: the packaged identity data filled in, and a quick-run argument list."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafit.demo import DEFAULT_AUTHOR, DEFAULT_NAME, HELDOUT_RESOURCE, TRAIN_RESOURCE, identity_records, write_jsonl
+
+NAME, AUTHOR = DEFAULT_NAME, DEFAULT_AUTHOR
+
+
+@pytest.fixture(scope="session")
+def identity_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("identity")
+    train = write_jsonl(identity_records(TRAIN_RESOURCE, NAME, AUTHOR), folder / "train.jsonl")
+    heldout = write_jsonl(identity_records(HELDOUT_RESOURCE, NAME, AUTHOR), folder / "heldout.jsonl")
+    return train, heldout
+
+
+@pytest.fixture
+def quick_args(tiny_model_dir, identity_files):
+    """Arguments for a few-second run on the tiny model; add --output_dir and whatever is tested."""
+    train, _ = identity_files
+
+    def build(output_dir, *extra: str) -> list[str]:
+        return ["--model_name_or_path", tiny_model_dir, "--train_file", str(train), "--output_dir", str(output_dir),
+                "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1",
+                "--save_strategy", "no", "--disable_tqdm", "true", *extra]
+
+    return build
