@@ -87,7 +87,11 @@ def efficiency_line(lengths: list[int], data_args: DataArguments, args: InspectA
     if data_args.packing:
         return f"  padding efficiency  {100 * efficiency:.1f}% (packing, {size} examples per row)"
     packed = padding_efficiency(order, size, True, data_args.pad_to_multiple_of)
-    grouped = padding_efficiency(sorted(order), size, False, data_args.pad_to_multiple_of)
+    # transformers' LengthGroupedSampler sorts within shuffled "megabatches" of 50 batches
+    megabatch = 50 * size
+    grouped_order = [length for start in range(0, len(order), megabatch)
+                     for length in sorted(order[start:start + megabatch], reverse=True)]
+    grouped = padding_efficiency(grouped_order, size, False, data_args.pad_to_multiple_of)
     return (f"  padding efficiency  {100 * efficiency:.1f}% (dynamic padding, batch size {size}); "
             f"~{100 * grouped:.0f}% with --group_by_length, {100 * packed:.0f}% with --packing")
 

@@ -237,7 +237,7 @@ def write_rejected(problems: list, output_dir: str | None) -> str | None:
     if not problems:
         return None
     if not output_dir:
-        logger.warning("%d bad records skipped (no output_dir to write rejected.jsonl into)", len(problems))
+        logger.warning("%d bad record(s) skipped (no output_dir to write rejected.jsonl into)", len(problems))
         return None
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "rejected.jsonl")
@@ -245,7 +245,7 @@ def write_rejected(problems: list, output_dir: str | None) -> str | None:
         for problem in problems:
             row = {key: value for key, value in problem.items() if key != "ordinal"}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    logger.warning("%d bad records skipped: reasons in %s", len(problems), path)
+    logger.warning("%d bad record(s) skipped: reasons in %s", len(problems), path)
     return path
 
 
