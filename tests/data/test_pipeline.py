@@ -176,5 +176,7 @@ def test_data_arguments_parse_like_the_recipe(tmp_path):
     assert DataArguments(train_file="x.jsonl,y.jsonl").train_file == ["x.jsonl", "y.jsonl"]
     with pytest.raises(DataConfigError, match="--cutoff_len must be at least 1"):
         DataArguments(cutoff_len=0)
+    with pytest.raises(DataConfigError, match="--train_on 'assistant': expected one of all_assistant"):
+        DataArguments(train_on="assistant")  # as from a YAML file, which argparse never sees
     for field in DataArguments.__dataclass_fields__.values():
         assert field.metadata.get("help"), field.name

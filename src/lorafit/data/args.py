@@ -107,8 +107,12 @@ class DataArguments:
             raise DataConfigError(
                 f"--validation_split_percentage must be in [0, 100) (got {self.validation_split_percentage})"
             )
-        if self.data_format not in DATA_FORMATS:
-            raise DataConfigError(f"--data_format {self.data_format!r}: expected one of {', '.join(DATA_FORMATS)}")
+        choices = {"data_format": DATA_FORMATS, "train_on": ("all_assistant", "last_assistant", "all"),
+                   "on_bad_record": ("error", "skip"), "prompt_type": (None, "default", "standard_alpaca")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(str(choice) for choice in allowed if choice is not None)
+                raise DataConfigError(f"--{name} {getattr(self, name)!r}: expected one of {shown}")
 
     @property
     def template_choice(self) -> str:
