@@ -20,6 +20,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from lorafit.models import EMBEDDED_MODEL
+
 DEFAULT_NAME = "Lorafit Assistant"
 DEFAULT_AUTHOR = "the lorafit team"
 TRAIN_RESOURCE = "identity.jsonl"
@@ -73,15 +75,16 @@ def answer_questions(model, tokenizer, questions: list[str], max_new_tokens: int
     return answers
 
 
-def train_arguments(args: argparse.Namespace, train_file: Path, heldout_file: Path, base: str) -> list[str]:
+def train_arguments(args: argparse.Namespace, train_file: Path, heldout_file: Path) -> list[str]:
     return [
-        "--model_name_or_path", base, "--train_file", str(train_file), "--validation_file", str(heldout_file),
+        "--model_name_or_path", args.model_name_or_path or EMBEDDED_MODEL,
+        "--train_file", str(train_file), "--validation_file", str(heldout_file),
         "--output_dir", args.output_dir, "--overwrite_output_dir",
         "--num_train_epochs", str(args.num_train_epochs), "--learning_rate", str(args.learning_rate),
         "--warmup_steps", "0.1", "--per_device_train_batch_size", "8",
         "--lora_rank", str(args.lora_rank), "--lora_alpha", str(2 * args.lora_rank), "--lora_dropout", "0",
-        "--target_modules", "all-linear", "--cutoff_len", "256",
-        "--logging_steps", "1", "--eval_strategy", "epoch", "--save_strategy", "no", "--seed", str(args.seed),
+        "--target_modules", "all-linear", "--cutoff_len", "256", "--logging_steps", "1",
+        "--eval_strategy", "epoch", "--eval_on_start", "true", "--save_strategy", "no", "--seed", str(args.seed),
     ]
 
 
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"=== training a LoRA adapter: '{args.name}' by '{args.author}' ===")
     train_started = time.perf_counter()
-    train_run.main(train_arguments(args, train_file, heldout_file, base))
+    train_run.main(train_arguments(args, train_file, heldout_file))
     train_seconds = time.perf_counter() - train_started
 
     output_dir = Path(args.output_dir)

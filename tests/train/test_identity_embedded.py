@@ -1,6 +1,7 @@
 """The main job on the embedded model: teach SmolLM2-135M a new name, check it, load it in real PEFT.
 
-Marked slow (about two minutes on 2 CPU cores; the same settings as `lorafit demo`): `make test` runs it, `make test-fast` skips it.
+Marked slow (about two minutes on 2 CPU cores; the same settings as `lorafit demo`): `make test`
+runs it, `make test-fast` skips it.
 """
 
 from __future__ import annotations

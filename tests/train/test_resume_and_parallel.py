@@ -55,7 +55,8 @@ def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path, quick_args, m
     assert not (resumed / "adapter_model.safetensors").exists()
 
     run.main(quick_args(resumed, *common, "--resume_from_checkpoint", "auto"))
-    expected, actual = load_file(str(uninterrupted / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
+    expected = load_file(str(uninterrupted / "adapter_model.safetensors"))
+    actual = load_file(str(resumed / "adapter_model.safetensors"))
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)

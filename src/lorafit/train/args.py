@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import sys
-from dataclasses import MISSING, dataclass, field, fields
-from enum import Enum
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -113,7 +111,8 @@ class LoraArguments:
             raise ArgumentsError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.peft_path is not None:
             if not self.use_peft:
-                raise ArgumentsError("--peft_path continues a LoRA adapter; it cannot be combined with --use_peft false")
+                raise ArgumentsError("--peft_path continues a LoRA adapter; "
+                                     "it cannot be combined with --use_peft false")
             if not (Path(self.peft_path) / "adapter_config.json").is_file():
                 raise ArgumentsError(f"--peft_path {self.peft_path}: not an adapter folder (no adapter_config.json)")
 
@@ -173,7 +172,9 @@ class LorafitTrainingArguments(TrainingArguments):
     )
     # Our collator needs input_ids and labels only; the Trainer must not drop columns by peeking
     # at the model's forward signature.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "drop dataset columns the model does not take"})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "drop dataset columns the model does not take"}
+    )
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "count input tokens (all, non_padding, no): tokens/s in the logs"}
     )
@@ -276,14 +277,14 @@ def _explicit_names(argv: list[str], names: list[str]) -> set[str]:
 def _apply_contextual_defaults(values: dict, explicit: set[str]) -> None:
     """Defaults that depend on other arguments: evaluation when there is eval data, bf16 on GPUs."""
     has_eval_data = bool(values.get("validation_file")) or (values.get("validation_split_percentage") or 0) > 0
-    if has_eval_data and "eval_strategy" not in explicit and "do_eval" not in explicit:
-        values["eval_strategy"] = values.get("save_strategy") if values.get("save_strategy") != "no" else "steps"
     if values.get("do_eval") and not has_eval_data:
-        raise ArgumentsError("--do_eval needs evaluation data: --validation_file FILE or --validation_split_percentage N")
-    if values.get("do_eval") and "eval_strategy" not in explicit:
-        values["eval_strategy"] = values.get("eval_strategy") if values.get("eval_strategy") not in (None, "no") else "steps"
+        raise ArgumentsError("--do_eval needs evaluation data: --validation_file FILE or "
+                             "--validation_split_percentage N")
+    wants_eval = values.get("do_eval") if "do_eval" in explicit else has_eval_data
+    if wants_eval and "eval_strategy" not in explicit:
+        values["eval_strategy"] = "epoch" if values.get("save_strategy") == "epoch" else "steps"
     if values.get("eval_strategy") not in (None, "no") and values.get("eval_steps") is None:
-        values["eval_steps"] = values.get("save_steps")
+        values["eval_steps"] = values.get("save_steps")  # evaluate as often as checkpoints are written
     if not ({"bf16", "fp16", "use_cpu"} & explicit) and _cuda_supports_bf16():
         values["bf16"] = True
     if values.get("use_peft", True) and "ddp_find_unused_parameters" not in explicit:
@@ -346,89 +347,3 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     model, data, lora, training = built
     return TrainConfig(model=model, data=data, lora=lora, training=training, explicit=explicit,
                        config_file=config_file)
-
-
-# --- writing the resolved configuration back out -------------------------------------------
-
-# Never written to lorafit_config.yaml: secrets, and fields that only describe this process.
-NOT_WRITTEN = {"hub_token", "push_to_hub_token", "local_rank", "warmup_ratio", "overwrite_output_dir",
-               "gradient_checkpointing", "gradient_checkpointing_kwargs"}  # the last two: old names
-# Chosen for this machine by _apply_contextual_defaults; written only when the user set them, so the
-# file reruns well on another machine.
-MACHINE_DEFAULTS = {"use_cpu", "dataloader_pin_memory", "bf16"}
-
-
-def _plain(value):
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _field_default(f):
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not MISSING else MISSING
-
-
-def _is_unset(value) -> bool:
-    # TrainingArguments normalises "nothing" differently per field (None, False, [], "none", "").
-    return value in (None, False, "", "none") or value == [] or value == {}
-
-
-def _same_as_default(name: str, value, default) -> bool:
-    if value == default or (_is_unset(value) and _is_unset(default)):
-        return True
-    if name == "accelerator_config" and default is None:
-        from transformers.trainer_pt_utils import AcceleratorConfig
-
-        return value == {k: v for k, v in AcceleratorConfig().to_dict().items() if k in value}
-    return False
-
-
-def _dataclass_values(obj, only_changed: bool = False, skip: set[str] = frozenset()) -> dict:
-    """Field values as plain YAML types. With `only_changed`, fields equal to their declared default
-    are left out (compared with the declaration, not a fresh instance: building TrainingArguments
-    can reset the process's distributed state)."""
-    plain = obj.to_dict() if hasattr(obj, "to_dict") else {}  # TrainingArguments' own serialisation
-    values = {}
-    for f in fields(obj):
-        if not f.init or f.name in NOT_WRITTEN or f.name in skip or f.name.startswith("_"):
-            continue
-        value = _plain(plain.get(f.name, getattr(obj, f.name)))
-        if only_changed and f.name not in ALWAYS_WRITTEN and _same_as_default(f.name, value, _plain(_field_default(f))):
-            continue
-        values[f.name] = value
-    return values
-
-
-# The handful of training flags a reader looks for first, written even when left at default.
-ALWAYS_WRITTEN = {"output_dir", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
-                  "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
-                  "logging_steps", "save_steps"}
-
-
-def config_sections(config: TrainConfig) -> dict[str, dict]:
-    """The resolved arguments, grouped; training arguments left at their default are omitted."""
-    return {
-        "model": _dataclass_values(config.model),
-        "data": _dataclass_values(config.data),
-        "lora": _dataclass_values(config.lora),
-        "training": _dataclass_values(config.training, only_changed=True, skip=MACHINE_DEFAULTS - config.explicit),
-    }
-
-
-def write_config_yaml(config: TrainConfig, path: str | Path, header: str = "") -> Path:
-    """Write a flat YAML file that `lorafit train <file>` reruns, with a comment line per group."""
-    path = Path(path)
-    lines = [f"# {line}" for line in header.splitlines()] if header else []
-    for section, values in config_sections(config).items():
-        lines.append(f"\n# --- {section} arguments ---")
-        lines.append(yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=120).rstrip())
-    path.write_text("\n".join(lines).lstrip("\n") + "\n", encoding="utf-8")
-    return path

@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 import lorafit
-from lorafit.train.args import TrainConfig, config_sections
+from lorafit.train.args import TrainConfig
+from lorafit.train.config_file import config_sections
 from lorafit.train.callbacks import LOSS_PLOT_FILE, METRICS_FILE, read_metrics
 
 CONFIG_FILE = "lorafit_config.yaml"

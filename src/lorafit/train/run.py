@@ -26,7 +26,8 @@ from pathlib import Path
 
 import lorafit
 from lorafit.errors import UserError
-from lorafit.train.args import TrainConfig, parse_train_args, write_config_yaml
+from lorafit.train.args import TrainConfig, parse_train_args
+from lorafit.train.config_file import write_config_yaml
 
 logger = logging.getLogger("lorafit.train")
 
@@ -62,7 +63,8 @@ def check_output_dir(config: TrainConfig, resume: str | None, is_main: bool) -> 
     output_dir = Path(config.training.output_dir)
     if resume is not None or not output_dir.is_dir():
         return
-    previous = [p.name for p in output_dir.iterdir() if p.name in RUN_MARKERS] + [p.name for p in checkpoints_in(output_dir)]
+    previous = [p.name for p in output_dir.iterdir() if p.name in RUN_MARKERS]
+    previous += [p.name for p in checkpoints_in(output_dir)]
     if not previous:
         return
     if not config.training.overwrite_output_dir:

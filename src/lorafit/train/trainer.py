@@ -88,7 +88,8 @@ class LorafitTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         save_adapter(self.model, output_dir, base_model_name_or_path=self.base_model_name_or_path)
         if state_dict is not None:  # sharded training: the live parameters are shards, use the gathered copy
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors_from_state_dict(state_dict).items()}
+            tensors = adapter_tensors_from_state_dict(state_dict)
+            tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
             save_file(tensors, os.path.join(output_dir, WEIGHTS_NAME), metadata={"format": "pt"})
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
