@@ -1,0 +1,187 @@
+"""`lorafit generate`: answer every prompt of a JSONL file, writing one output line per input line.
+
+Input lines are `{"prompt": ..., "system"?: ..., "history"?: [[user, assistant], ...]}` (the
+training format) or `{"messages": [{"role", "content"}, ...]}`. Each output line is the input
+object plus `"response"`. Lines are written (and flushed) as soon as their batch is done, so a
+stopped run keeps everything it finished; `--resume` continues it.
+
+Every record is checked before the model is loaded; bad ones are listed as `path:line: reason`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.errors import UserError
+from lorafit.infer.generate import context_length, generate
+from lorafit.infer.loading import LoadedModel, add_model_arguments, load_from_args
+from lorafit.infer.options import GenerationOptions, add_generation_arguments, options_from_args
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class PromptRecord:
+    source: str  # "path:line"
+    record: dict  # the input object, echoed to the output
+    messages: list[dict]
+
+
+def messages_from_record(record) -> list[dict]:
+    """A conversation ending in a user turn, from either input shape; ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError('"messages" must be a non-empty list')
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+                raise ValueError(f'"messages"[{index}] must be {{"role": one of {"/".join(ROLES)}, "content": a string}}')
+        if messages[-1]["role"] == "assistant":
+            raise ValueError('the last message is already an assistant reply: nothing to answer')
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if not isinstance(record.get("prompt"), str):
+        raise ValueError('needs a string "prompt" (or a "messages" list)')
+    messages = []
+    system = record.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise ValueError('"system" must be a string')
+        if system:
+            messages.append({"role": "system", "content": system})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise ValueError('"history" must be a list of [user, assistant] pairs')
+    for index, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise ValueError(f'"history"[{index}] must be a [user, assistant] pair of strings')
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages.append({"role": "user", "content": record["prompt"]})
+    return messages
+
+
+def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptRecord], list[tuple[str, str]]]:
+    """All records of a JSONL file, and the bad ones as (path:line, reason)."""
+    if not path.is_file():
+        raise UserError(f"--input {path}: no such file")
+    records, problems = [], []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            source = f"{path}:{number}"
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+                if not text:
+                    continue
+                record = json.loads(text)
+                records.append(PromptRecord(source, record, messages_from_record(record)))
+            except UnicodeDecodeError:
+                problems.append((source, "not valid UTF-8"))
+            except json.JSONDecodeError as error:
+                problems.append((source, f"not valid JSON ({error.msg} at column {error.colno})"))
+            except ValueError as error:
+                problems.append((source, str(error)))
+    if problems and on_bad_record == "error":
+        from lorafit.data.errors import BadRecordsError
+
+        raise BadRecordsError(problems)
+    return records, problems
+
+
+def completed_lines(output: Path) -> int:
+    """How many whole lines a previous run wrote; a half-written last line is cut off."""
+    data = output.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with output.open("r+b") as handle:
+            handle.truncate(len(complete))
+    return complete.count(b"\n")
+
+
+def answer_all(loaded: LoadedModel, records: list[PromptRecord], options: GenerationOptions,
+               batch_size: int, output, progress=None, first_index: int = 0) -> int:
+    """Generate and write the answers batch by batch; returns how many were written.
+
+    With a seed, the batch starting at record i samples with seed + i (i counted from the start of
+    the file, `first_index` for a resumed run), so a resumed run draws what the whole run would."""
+    from lorafit.data.render import render_prompt
+
+    limit = context_length(loaded.model)
+    written = 0
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        prompts = []
+        for item in batch:
+            try:
+                ids = render_prompt(loaded.tokenizer, item.messages)
+            except Exception as error:
+                raise UserError(f"{item.source}: {error}") from None
+            if limit is not None and len(ids) >= limit:
+                raise UserError(f"{item.source}: the prompt has {len(ids)} tokens; the model's context is {limit}")
+            prompts.append(ids)
+        batch_options = options if options.seed is None else options.updated(seed=options.seed + first_index + start)
+        completions = generate(
+            loaded.model, prompts, batch_options, stop_token_ids=loaded.stop_token_ids,
+            pad_token_id=loaded.tokenizer.pad_token_id, tokenizer=loaded.tokenizer,
+        )
+        for item, completion in zip(batch, completions):
+            output.write(json.dumps({**item.record, "response": completion.text}, ensure_ascii=False) + "\n")
+        output.flush()
+        written += len(batch)
+        if progress is not None:
+            progress.update(len(batch))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorafit generate",
+        description='Answer every prompt of a JSONL file. Input lines: {"prompt", "system"?, "history"?} or '
+                    '{"messages": [...]}; output lines: the input plus "response", written as they finish.',
+    )
+    parser.add_argument("--input", required=True, type=Path, help="prompts, one JSON object per line")
+    parser.add_argument("--output", required=True, type=Path, help="where to write the answers (JSON Lines)")
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default: 8)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run: keep the lines already in --output and answer the rest")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
+    parser.add_argument("--on_bad_record", choices=("error", "skip"), default="error",
+                        help="error: list bad input lines and stop before generating (default); skip: leave them out")
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    options = options_from_args(args)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pick one")
+    records, problems = read_prompts(args.input, args.on_bad_record)
+    for source, reason in problems:
+        print(f"skipping {source}: {reason}", file=sys.stderr)
+    done = 0
+    if args.output.exists():
+        if args.resume:
+            done = completed_lines(args.output)
+        elif not args.overwrite:
+            raise UserError(f"--output {args.output} exists: pass --resume to continue it or --overwrite to replace it")
+    if done > len(records):
+        raise UserError(f"--output {args.output} has {done} lines but --input has only {len(records)} prompts")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    loaded = load_from_args(args)
+
+    from tqdm.auto import tqdm
+
+    with args.output.open("a" if args.resume else "w", encoding="utf-8") as output, \
+            tqdm(total=len(records), initial=done, unit="prompt", desc="generate", file=sys.stderr) as progress:
+        answer_all(loaded, records[done:], options, args.batch_size, output, progress, first_index=done)
+    print(f"wrote {len(records)} answers to {args.output}" + (f" ({done} from before)" if done else ""),
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,163 @@
+"""Loading a model for inference: base + optional adapter + the tokenizer it was trained with.
+
+The tokenizer comes from the adapter folder when it has one: training saves its tokenizer there
+with the chat template it rendered the data with, so inference renders prompts exactly as training
+did. Otherwise it is the base model's tokenizer, with `--template` applied the way training applies
+it (`lorafit.data.templates.set_chat_template`).
+
+For generation the adapter is folded into the weights (`merge_lora`): same outputs, and no extra
+matrix products per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafit.errors import UserError
+from lorafit.models import EMBEDDED_MODEL, is_embedded
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    stop_token_ids: list[int]
+    name: str  # what to call it (served model id, logs)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_name_or_path", default=None,
+                       help="base model: a folder or a Hub id (default: the adapter's base, else the embedded "
+                            "smollm2-135m-instruct)")
+    group.add_argument("--adapter", default=None, required=adapter_required, metavar="DIR",
+                       help="a LoRA adapter folder (lorafit or PEFT layout)" + ("" if adapter_required else "; optional"))
+    group.add_argument("--template", default="auto",
+                       help="chat template when the adapter folder carries no tokenizer: auto (the tokenizer's own), "
+                            "default, alpaca, chatml, or a .jinja file (default: auto)")
+    group.add_argument("--dtype", default="auto",
+                       help="weights dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, mps ...")
+    group.add_argument("--trust_remote_code", action="store_true", help="allow model code from the Hub (off by default)")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise UserError(f"--device {device!r}: {error}") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    from lorafit.models import parse_dtype
+
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return parse_dtype(dtype)
+    except ValueError as error:
+        raise UserError(f"--dtype: {error}") from None
+
+
+def adapter_base_model(adapter: str | Path) -> str | None:
+    """The base model named in the adapter's config, when there is one."""
+    config_file = Path(adapter) / "adapter_config.json"
+    try:
+        return json.loads(config_file.read_text()).get("base_model_name_or_path") or None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_adapter_folder(adapter: str | Path) -> Path:
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--adapter {adapter}: no such folder")
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
+    return path
+
+
+def choose_base_model(model_name_or_path: str | None, adapter: Path | None) -> str | None:
+    """An explicit base wins; else the adapter's own base when it is reachable; else the embedded model."""
+    if model_name_or_path or adapter is None:
+        return model_name_or_path
+    named = adapter_base_model(adapter)
+    if named and (Path(named).expanduser().is_dir() or is_embedded(named)):
+        logger.info("base model from %s/adapter_config.json: %s", adapter, named)
+        return named
+    return None
+
+
+def load_inference_tokenizer(base: str | None, adapter: Path | None, template: str = "auto",
+                             trust_remote_code: bool = False):
+    """The adapter's tokenizer (with its training chat template) when it has one, else the base's."""
+    from transformers import AutoTokenizer
+
+    from lorafit.data.templates import set_chat_template
+    from lorafit.models import load_tokenizer
+
+    if adapter is not None and any((adapter / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if template != "auto":
+            logger.warning("--template %s overrides the chat template saved with the adapter in %s", template, adapter)
+    else:
+        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
+    return set_chat_template(tokenizer, template)
+
+
+def load_for_inference(
+    model_name_or_path: str | None = None,
+    adapter: str | None = None,
+    template: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    merge: bool = True,
+) -> LoadedModel:
+    """Base model (+ adapter, merged unless `merge=False`) in eval mode, and its tokenizer."""
+    from lorafit.data.templates import end_of_turn_token_ids
+    from lorafit.lora import load_adapter, merge_lora
+    from lorafit.models import load_model
+
+    adapter_path = check_adapter_folder(adapter) if adapter else None
+    base = choose_base_model(model_name_or_path, adapter_path)
+    target_device = resolve_device(device)
+    tokenizer = load_inference_tokenizer(base, adapter_path, template, trust_remote_code)
+    model = load_model(base, dtype=resolve_dtype(dtype, target_device), trust_remote_code=trust_remote_code)
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
+        if merge:
+            merge_lora(model)
+    model.to(target_device).eval()
+    return LoadedModel(model, tokenizer, end_of_turn_token_ids(tokenizer), _model_name(base, adapter_path))
+
+
+def _model_name(base: str | None, adapter: Path | None) -> str:
+    if adapter is not None:
+        return adapter.resolve().name
+    if is_embedded(base):
+        return EMBEDDED_MODEL
+    return Path(base).name if Path(base).expanduser().is_dir() else base
+
+
+def load_from_args(args: argparse.Namespace, merge: bool = True) -> LoadedModel:
+    return load_for_inference(
+        args.model_name_or_path, args.adapter, template=args.template, dtype=args.dtype,
+        device=args.device, trust_remote_code=args.trust_remote_code, merge=merge,
+    )
