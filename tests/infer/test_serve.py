@@ -1,0 +1,163 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from lorafit.data.render import render_prompt
+from lorafit.infer.loading import load_for_inference
+from lorafit.infer.options import GenerationOptions
+from lorafit.infer.serve import Engine, create_app
+
+API_KEY = "test-key-123"
+MODEL = "tiny"
+GREEDY = {"temperature": 0, "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_for_inference(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def server_url(loaded):
+    """A real uvicorn server on a free port of 127.0.0.1, in a background thread."""
+    app = create_app(Engine(loaded, GenerationOptions(max_new_tokens=16)), MODEL, api_key=API_KEY,
+                     max_body_bytes=4096)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server_url):
+    return openai.OpenAI(base_url=server_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_non_streaming_completion_with_usage(client, loaded):
+    response = client.chat.completions.create(model=MODEL, messages=ask("Hello!"), **GREEDY)
+    choice = response.choices[0]
+    assert response.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert isinstance(choice.message.content, str)
+    prompt_tokens = len(render_prompt(loaded.tokenizer, ask("Hello!")))
+    assert response.usage.prompt_tokens == prompt_tokens
+    assert 1 <= response.usage.completion_tokens <= 8
+    assert response.usage.total_tokens == prompt_tokens + response.usage.completion_tokens
+
+
+def test_streaming_gives_the_same_answer_in_pieces(client):
+    whole = client.chat.completions.create(model=MODEL, messages=ask("Tell me a story"), **GREEDY)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask("Tell me a story"), stream=True, stream_options={"include_usage": True}, **GREEDY
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == whole.choices[0].message.content
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_concurrent_requests_are_not_interleaved(client):
+    prompts = [f"Question number {i}?" for i in range(4)]
+    alone = [client.chat.completions.create(model=MODEL, messages=ask(p), **GREEDY).choices[0].message.content
+             for p in prompts]
+
+    def streamed(prompt):
+        stream = client.chat.completions.create(model=MODEL, messages=ask(prompt), stream=True, **GREEDY)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(streamed, prompts))
+    assert together == alone
+
+
+def test_stop_string_and_extra_sampling_fields(client):
+    free = client.chat.completions.create(model=MODEL, messages=ask("abc"), **GREEDY).choices[0].message.content
+    if len(free) < 3:
+        pytest.skip("the tiny model stopped too early to test a stop string")
+    stop = free[1:3]
+    response = client.chat.completions.create(
+        model=MODEL, messages=ask("abc"), stop=[stop], extra_body={"top_k": 1, "repetition_penalty": 1.0}, **GREEDY
+    )
+    assert response.choices[0].message.content == free[:free.index(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": ask("hi"), "temperature": 5}, "temperature"),
+    ({"messages": ask("hi"), "top_p": 0}, "top_p"),
+    ({"messages": ask("hi"), "max_tokens": 0}, "max_tokens"),
+    ({"messages": ask("hi"), "n": 2}, "n"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+])
+def test_bad_requests_get_openai_style_400(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, **kwargs)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param and caught.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=ask("hi"))
+
+
+def test_wrong_or_missing_key_is_401(server_url):
+    wrong = openai.OpenAI(base_url=server_url, api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        wrong.chat.completions.create(model=MODEL, messages=ask("hi"))
+    assert caught.value.status_code == 401 and caught.value.body["code"] == "invalid_api_key"
+    response = httpx.get(f"{server_url}/models")
+    assert response.status_code == 401 and "error" in response.json()
+
+
+def raw_post(server_url, content, headers=None):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **(headers or {})}
+    return httpx.post(f"{server_url}/chat/completions", content=content, headers=headers, timeout=60)
+
+
+def test_malformed_json_and_oversized_bodies_then_still_serving(server_url, client):
+    malformed = raw_post(server_url, b'{"model": "tiny", "messages": [')
+    assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
+    not_object = raw_post(server_url, b'[1, 2]')
+    assert not_object.status_code == 400
+    huge = json.dumps({"model": MODEL, "messages": ask("x" * 10_000)}).encode()
+    oversized = raw_post(server_url, huge)
+    assert oversized.status_code == 413 and oversized.json()["error"]["code"] == "request_too_large"
+    missing_model = raw_post(server_url, json.dumps({"messages": ask("hi")}).encode())
+    assert missing_model.status_code == 400 and missing_model.json()["error"]["param"] == "model"
+    unknown_route = httpx.get(f"{server_url}/nothing-here", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert unknown_route.status_code == 404 and "error" in unknown_route.json()
+    # ... and the server is still answering.
+    assert client.chat.completions.create(model=MODEL, messages=ask("still there?"), **GREEDY).choices
