@@ -66,6 +66,7 @@ def test_misspelled_yaml_key_names_the_file_and_suggests(tmp_path):
     (["--use_peft", "false", "--peft_path", "x"], "--use_peft false"),
     (["--peft_path", "/nonexistent"], "not an adapter folder"),
     (["--do_eval"], "needs evaluation data"),
+    (["--streaming"], "--max_steps"),
     (["notes.txt"], "unexpected value"),
 ])
 def test_bad_values_are_user_errors(argv, message):

@@ -280,6 +280,8 @@ def _apply_contextual_defaults(values: dict, explicit: set[str]) -> None:
     if values.get("do_eval") and not has_eval_data:
         raise ArgumentsError("--do_eval needs evaluation data: --validation_file FILE or "
                              "--validation_split_percentage N")
+    if values.get("streaming") and (values.get("max_steps") or -1) <= 0:
+        raise ArgumentsError("--streaming reads data of unknown length: give the run's length with --max_steps N")
     wants_eval = values.get("do_eval") if "do_eval" in explicit else has_eval_data
     if wants_eval and "eval_strategy" not in explicit:
         values["eval_strategy"] = "epoch" if values.get("save_strategy") == "epoch" else "steps"
