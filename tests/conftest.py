@@ -1,8 +1,9 @@
 """Shared fixtures: tiny random models built here (no downloads) and the embedded tokenizer.
 
-Tiny Llama, Qwen2 and GPT-2 models with a 128-token vocabulary serve the LoRA-core tests.
-`tiny_model_dir` is a tiny Llama that shares the embedded SmolLM2 tokenizer and chat template, saved
-as a normal model folder, so data, training and inference tests run the real CLI in seconds.
+Tiny Llama, Qwen2 and GPT-2 models with a 128-token vocabulary (builders in `model_builders.py`)
+serve the LoRA-core tests. `tiny_model_dir` is a tiny Llama that shares the embedded SmolLM2
+tokenizer and chat template, saved as a normal model folder, so data, training and inference
+tests run the real CLI in seconds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from model_builders import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
 
 REPO = Path(__file__).resolve().parents[1]
 # Reuse one converted embedded model across local runs; a fresh CI clone converts it once.
@@ -22,35 +24,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def build_tiny_llama(vocab_size: int = 128, seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-    config = LlamaConfig(vocab_size=vocab_size, **{**sizes, **overrides})
-    return LlamaForCausalLM(config).eval()
-
-
-def build_tiny_qwen2(vocab_size: int = 128, seed: int = 0, **overrides):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
-    config = Qwen2Config(vocab_size=vocab_size, **{**sizes, **overrides})
-    return Qwen2ForCausalLM(config).eval()
-
-
-def build_tiny_gpt2(vocab_size: int = 128, seed: int = 0, **overrides):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    sizes = dict(n_embd=32, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0)
-    config = GPT2Config(vocab_size=vocab_size, **{**sizes, **overrides})
-    return GPT2LMHeadModel(config).eval()
 
 
 @pytest.fixture

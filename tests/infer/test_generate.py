@@ -15,7 +15,7 @@ from lorafit.infer.generate import PromptTooLongError, generate
 from lorafit.infer.options import GenerationOptions, GenerationOptionsError
 from lorafit.infer.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, choose_next_tokens
 
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
+from model_builders import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
 
 GREEDY = GenerationOptions(temperature=0, max_new_tokens=12)
 PROMPTS = [[5, 17, 42, 9, 3, 77, 21], [8, 1, 60], [100, 2, 33, 4, 90]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorafit
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
+from model_builders import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
 from lorafit.errors import AdapterMismatchError, UserError
 from lorafit.lora import lora_layers
 

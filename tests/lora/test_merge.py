@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lorafit
-from conftest import build_tiny_gpt2, build_tiny_llama
+from model_builders import build_tiny_gpt2, build_tiny_llama
 from lorafit.lora import LoraLinear, ModulesToSave
 from test_adapter_io import logits, randomize
 

@@ -8,7 +8,7 @@ import peft
 import pytest
 
 import lorafit
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
+from model_builders import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
 
 CONFIGS = [
     {"target_modules": ["q_proj", "v_proj"]},
