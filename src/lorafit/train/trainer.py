@@ -51,7 +51,7 @@ def adapter_tensors_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict
         if ".lora_A." in key or ".lora_B." in key:
             tensors[PREFIX + key] = tensor
         elif ".modules_to_save.default." in key:
-            tensors[PREFIX + key.replace(".modules_to_save.default.", ".modules_to_save.")] = tensor
+            tensors[PREFIX + key.replace(".modules_to_save.default.", ".")] = tensor  # PEFT's file name
     return tensors
 
 
