@@ -161,3 +161,41 @@ def test_malformed_json_and_oversized_bodies_then_still_serving(server_url, clie
     assert unknown_route.status_code == 404 and "error" in unknown_route.json()
     # ... and the server is still answering.
     assert client.chat.completions.create(model=MODEL, messages=ask("still there?"), **GREEDY).choices
+
+
+def test_serve_command_binds_localhost_and_answers(tiny_model_dir):
+    """`lorafit serve` end to end: default host 127.0.0.1, --port 0 picks a free port, --api_key enforced."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorafit", "serve", "--model_name_or_path", tiny_model_dir, "--port", "0",
+         "--api_key", "k", "--served_model_name", "cli-model", "--max_new_tokens", "4", "--log_level", "warning"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        url = None
+        for line in process.stderr:  # the server announces its address once it is ready to serve
+            found = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
+            if found:
+                url = found.group(1)
+                break
+        assert url, "no address announced"
+        deadline = time.time() + 30
+        while True:
+            try:
+                if httpx.get(url.removesuffix("/v1") + "/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
+        reply = client.chat.completions.create(model="cli-model", messages=ask("hi"))
+        assert reply.usage.completion_tokens <= 4  # the command's --max_new_tokens is the default
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

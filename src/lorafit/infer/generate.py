@@ -76,7 +76,7 @@ def generate(
         raise ValueError("stop strings need a tokenizer")
     max_new_tokens = _room_for_answer(model, prompts, options.max_new_tokens)
     device = model.device
-    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    stop_ids = set(stop_token_ids)
     pad_token_id = pad_token_id if pad_token_id is not None else (stop_token_ids[0] if stop_token_ids else 0)
 
     input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
@@ -86,26 +86,25 @@ def generate(
     generator = None if options.greedy else make_generator(options.seed, device)
     decoders = [IncrementalDecoder(tokenizer, options.stop) for _ in prompts] if tokenizer is not None else None
     completions = [Completion(text="", prompt_tokens=len(p)) for p in prompts]
-    running = torch.ones(batch, dtype=torch.bool, device=device)
+    running = [True] * batch
+    running_mask = None  # a device copy of `running`, once some row has finished
 
     cache = _new_cache(model)
     logits = _forward(model, input_ids, attention_mask, position_ids, cache)
     for step in range(max_new_tokens):
         next_tokens = choose_next_tokens(logits, options, seen=seen, generator=generator)
-        next_tokens = torch.where(running, next_tokens, pad_token_id)
+        if running_mask is not None:  # finished rows are fed padding; their output is ignored
+            next_tokens = torch.where(running_mask, next_tokens, pad_token_id)
         if seen is not None:
             seen[torch.arange(batch, device=device), next_tokens] = True
-        hit_stop = torch.isin(next_tokens, stop_ids) & running
-        # One host sync per step, for the bookkeeping that needs Python values.
-        for row, (token, is_running, stopped) in enumerate(
-            zip(next_tokens.tolist(), running.tolist(), hit_stop.tolist())
-        ):
-            if not is_running:
-                continue
-            if not _record_token(completions[row], decoders, row, token, stopped, on_text):
-                running[row] = False
-        if not bool(running.any()) or step == max_new_tokens - 1:
+        finished_now = False
+        for row, token in enumerate(next_tokens.tolist()):  # the one host sync per step
+            if running[row] and not _record_token(completions[row], decoders, row, token, token in stop_ids, on_text):
+                running[row], finished_now = False, True
+        if not any(running) or step == max_new_tokens - 1:
             break
+        if finished_now:
+            running_mask = torch.tensor(running, device=device)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
         logits = _forward(model, next_tokens[:, None], attention_mask, position_ids, cache)
