@@ -92,9 +92,10 @@ class LoraLinear(nn.Module):
             return result
         dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
         a = self.lora_A.weight.to(dtype)
-        b = self.lora_B.weight.to(dtype)
+        # Scaling B (out x r) instead of the update (tokens x out) saves a pass over the output.
+        b = (self.lora_B.weight * self.scaling).to(dtype)
         update = F.linear(F.linear(self.lora_dropout(x).to(dtype), a), b)
-        return result + update.mul_(self.scaling).to(result.dtype)
+        return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in the base weight's layout, computed in float32."""
