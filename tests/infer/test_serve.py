@@ -152,6 +152,8 @@ def test_malformed_json_and_oversized_bodies_then_still_serving(server_url, clie
     assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
     not_object = raw_post(server_url, b'[1, 2]')
     assert not_object.status_code == 400
+    too_deep = raw_post(server_url, b'[' * 3000)  # under the size limit, past json's recursion limit
+    assert too_deep.status_code == 400 and "nested too deeply" in too_deep.json()["error"]["message"]
     huge = json.dumps({"model": MODEL, "messages": ask("x" * 10_000)}).encode()
     oversized = raw_post(server_url, huge)
     assert oversized.status_code == 413 and oversized.json()["error"]["code"] == "request_too_large"
@@ -199,3 +201,45 @@ def test_serve_command_binds_localhost_and_answers(tiny_model_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_client_that_leaves_frees_the_worker(loaded):
+    """A non-streaming request whose client disconnects stops generating (or never starts)."""
+    import asyncio
+
+    from lorafit.infer.serve import complete_unless_client_leaves
+
+    class LeavingRequest:
+        def __init__(self, leave_after_polls):
+            self.polls = leave_after_polls
+
+        async def is_disconnected(self):
+            self.polls -= 1
+            return self.polls < 0
+
+    import dataclasses
+
+    # No stop tokens: only the departure of the client can end the answer before the context is full.
+    engine = Engine(dataclasses.replace(loaded, stop_token_ids=[]), GenerationOptions(max_new_tokens=16))
+    prompt = render_prompt(loaded.tokenizer, ask("hello"))
+    options = GenerationOptions(temperature=0, max_new_tokens=10_000)
+    blocker = threading.Event()
+    engine.worker.submit(blocker.wait)  # the worker is busy: the request waits in the queue
+
+    async def scenario():
+        pending = asyncio.ensure_future(
+            complete_unless_client_leaves(engine, LeavingRequest(0), prompt, options, poll_seconds=0.01))
+        await asyncio.sleep(0.1)  # the client is gone by now
+        blocker.set()
+        return await pending
+
+    assert asyncio.run(scenario()) is None  # its turn came after it left: nothing was generated
+
+    async def leaves_during_generation():
+        return await complete_unless_client_leaves(engine, LeavingRequest(3), prompt, options, poll_seconds=0.01)
+
+    started = time.perf_counter()
+    completion = asyncio.run(leaves_during_generation())
+    assert completion is not None and completion.finish_reason == "cancelled"
+    assert len(completion.token_ids) < 400 and time.perf_counter() - started < 30
+    engine.worker.shutdown()

@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 # Module level, not inside create_app: FastAPI resolves the `Request` annotation by name.
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -141,10 +141,36 @@ def create_app(engine: Engine, served_model: str, api_key: str | None = None,
         if chat.stream:
             return StreamingResponse(stream_events(engine, prompt, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        completion = await engine.run(lambda: engine.complete(prompt, chat.options))
+        completion = await complete_unless_client_leaves(engine, request, prompt, chat.options)
+        if completion is None:  # the client left before its turn; nobody reads this answer
+            return Response(status_code=499)
         return completion_response(new_completion_id(), chat.model, completion)
 
     return app
+
+
+async def complete_unless_client_leaves(engine: Engine, request, prompt: list[int], options: GenerationOptions,
+                                        poll_seconds: float = 0.25) -> Completion | None:
+    """A non-streaming answer; a client that disconnects stops its generation at the next token (or
+    before it starts, while it waits in the queue), so the worker is not held by answers nobody reads."""
+    client_gone = threading.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(poll_seconds)
+        client_gone.set()
+
+    def job() -> Completion | None:
+        if client_gone.is_set():
+            return None
+        return engine.complete(prompt, options, lambda _row, _text: not client_gone.is_set())
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await engine.run(job)
+    finally:
+        client_gone.set()
+        watcher.cancel()
 
 
 async def read_json(request, limit: int):
@@ -162,6 +188,8 @@ async def read_json(request, limit: int):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise bad_request(f"We could not parse the JSON body of your request: {error}") from None
+    except RecursionError:
+        raise bad_request("We could not parse the JSON body of your request: it is nested too deeply") from None
 
 
 async def stream_events(engine: Engine, prompt: list[int], chat: ChatRequest):
@@ -216,6 +244,8 @@ def sse(payload: dict) -> str:
 
 def bind(host: str, port: int) -> socket.socket:
     """Open the listening socket now, so a taken port fails before the model loads."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 (any free port) and 65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -247,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     group.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    group.add_argument("--api_key", default=os.environ.get("LORAFIT_API_KEY"),
+    group.add_argument("--api_key", default=os.environ.get("LORAFIT_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' on every /v1 request (default: $LORAFIT_API_KEY, else none)")
     group.add_argument("--served_model_name", default=None,
                        help="the model id clients send and /v1/models lists (default: the adapter folder's name, "
