@@ -95,3 +95,18 @@ def test_flag_mistakes_are_user_errors(tmp_path, capsys, flags, message):
     source = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1])
     code = cli.main(["generate", "--input", str(source), "--output", str(tmp_path / "o.jsonl"), *flags])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_prompt_too_long_for_the_context_is_found_before_any_answer(tiny_model_dir, tmp_path, capsys):
+    """Rendering is checked for every record first: no half-written output, and skip applies."""
+    rows = RECORDS[:3] + [{"prompt": "word " * 2000, "id": "long"}] + RECORDS[3:]
+    source, output = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    base = ["generate", "--model_name_or_path", tiny_model_dir, "--input", str(source), "--output", str(output),
+            "--batch_size", "2", *FLAGS]
+    assert cli.main(base) == 2
+    err = capsys.readouterr().err
+    assert f"{source}:4: the prompt has" in err and "context is 512" in err
+    assert not output.exists()
+    assert cli.main(base + ["--on_bad_record", "skip"]) == 0
+    assert f"skipping {source}:4" in capsys.readouterr().err
+    assert [row["id"] for row in read_jsonl(output)] == [1, 2, 3, 4, 5]

@@ -5,7 +5,8 @@ training format) or `{"messages": [{"role", "content"}, ...]}`. Each output line
 object plus `"response"`. Lines are written (and flushed) as soon as their batch is done, so a
 stopped run keeps everything it finished; `--resume` continues it.
 
-Every record is checked before the model is loaded; bad ones are listed as `path:line: reason`.
+Every record is checked before anything is generated (its shape before the model loads, its
+rendering and length right after); bad ones are listed as `path:line: reason`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class PromptRecord:
     source: str  # "path:line"
     record: dict  # the input object, echoed to the output
     messages: list[dict]
+    prompt_ids: list[int] | None = None  # the rendered prompt, filled in by `render_prompts`
 
 
 def messages_from_record(record) -> list[dict]:
@@ -92,6 +94,31 @@ def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptR
     return records, problems
 
 
+def render_prompts(loaded: LoadedModel, records: list[PromptRecord], on_bad_record: str = "error"
+                   ) -> tuple[list[PromptRecord], list[tuple[str, str]]]:
+    """Render every prompt with the model's template up front, so a record the template refuses, or
+    one longer than the context, is found before the first answer rather than halfway through."""
+    from lorafit.data.render import render_prompt
+
+    limit = context_length(loaded.model)
+    kept, problems = [], []
+    for item in records:
+        try:
+            item.prompt_ids = render_prompt(loaded.tokenizer, item.messages)
+        except ValueError as error:  # the template refused the conversation
+            problems.append((item.source, f"the chat template cannot render it: {error}"))
+            continue
+        if limit is not None and len(item.prompt_ids) >= limit:
+            problems.append((item.source, f"the prompt has {len(item.prompt_ids)} tokens; the model's context is {limit}"))
+            continue
+        kept.append(item)
+    if problems and on_bad_record == "error":
+        from lorafit.data.errors import BadRecordsError
+
+        raise BadRecordsError(problems)
+    return kept, problems
+
+
 def completed_lines(output: Path) -> int:
     """How many whole lines a previous run wrote; a half-written last line is cut off."""
     data = output.read_bytes()
@@ -108,22 +135,13 @@ def answer_all(loaded: LoadedModel, records: list[PromptRecord], options: Genera
 
     With a seed, the batch starting at record i samples with seed + i (i counted from the start of
     the file, `first_index` for a resumed run), so a resumed run draws what the whole run would."""
-    from lorafit.data.render import render_prompt
-
-    limit = context_length(loaded.model)
+    if any(item.prompt_ids is None for item in records):
+        records, _ = render_prompts(loaded, records)
     written = 0
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        prompts = []
-        for item in batch:
-            try:
-                ids = render_prompt(loaded.tokenizer, item.messages)
-            except Exception as error:
-                raise UserError(f"{item.source}: {error}") from None
-            if limit is not None and len(ids) >= limit:
-                raise UserError(f"{item.source}: the prompt has {len(ids)} tokens; the model's context is {limit}")
-            prompts.append(ids)
-        batch_options = options if options.seed is None else options.updated(seed=options.seed + first_index + start)
+        prompts = [item.prompt_ids for item in batch]
+        batch_options = options if options.seed is None else options.updated(seed=(options.seed + first_index + start) % 2**64)
         completions = generate(
             loaded.model, prompts, batch_options, stop_token_ids=loaded.stop_token_ids,
             pad_token_id=loaded.tokenizer.pad_token_id, tokenizer=loaded.tokenizer,
@@ -166,16 +184,16 @@ def main(argv: list[str]) -> int:
     records, problems = read_prompts(args.input, args.on_bad_record)
     for source, reason in problems:
         print(f"skipping {source}: {reason}", file=sys.stderr)
-    done = 0
-    if args.output.exists():
-        if args.resume:
-            done = completed_lines(args.output)
-        elif not args.overwrite:
-            raise UserError(f"--output {args.output} exists: pass --resume to continue it or --overwrite to replace it")
+    if args.output.exists() and not (args.resume or args.overwrite):
+        raise UserError(f"--output {args.output} exists: pass --resume to continue it or --overwrite to replace it")
+    loaded = load_from_args(args)
+    records, problems = render_prompts(loaded, records, args.on_bad_record)
+    for source, reason in problems:
+        print(f"skipping {source}: {reason}", file=sys.stderr)
+    done = completed_lines(args.output) if args.resume and args.output.exists() else 0
     if done > len(records):
         raise UserError(f"--output {args.output} has {done} lines but --input has only {len(records)} prompts")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    loaded = load_from_args(args)
 
     from tqdm.auto import tqdm
 
