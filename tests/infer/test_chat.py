@@ -90,3 +90,20 @@ def test_history_drops_oldest_exchange_when_context_is_full(tiny_model_dir):
     assert [m["role"] for m in session.messages][-2:] == ["user", "assistant"]
     assert len(session.messages) == 4  # the oldest exchange went, the newer one stayed
     assert session.messages[0]["content"] == long_text and session.messages[2]["content"] == "short question"
+
+
+def test_a_template_that_refuses_the_conversation_is_reported_and_the_chat_goes_on(tiny_model_dir):
+    loaded = load_for_inference(tiny_model_dir)
+    loaded.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    session = ChatSession(loaded, GREEDY, system="Be brief.")
+    out, err = io.StringIO(), io.StringIO()
+    run_repl(session, ["Hello", "/reset", "Hi again"], out, err, interactive=False)
+    assert err.getvalue().count("System role not supported") == 2
+    session.system = None  # without the system prompt the same template works
+    session.reset()
+    run_repl(session, ["Hello"], out, err, interactive=False)
+    assert len(session.messages) == 2 and session.messages[1]["role"] == "assistant"

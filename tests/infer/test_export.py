@@ -106,3 +106,27 @@ def test_non_empty_output_dir_needs_overwrite(tiny_model_dir, adapter_dir, tmp_p
     (output / "keep.txt").write_text("mine")
     assert merge(tiny_model_dir, adapter_dir, output) == 2
     assert "--overwrite_output_dir" in capsys.readouterr().err and (output / "keep.txt").exists()
+
+
+def test_output_dir_that_is_the_adapter_or_a_file_is_refused(tiny_model_dir, adapter_dir, tmp_path, capsys):
+    assert merge(tiny_model_dir, adapter_dir, adapter_dir, "--overwrite_output_dir") == 2
+    assert "would delete its input" in capsys.readouterr().err
+    assert (adapter_dir / "adapter_model.safetensors").exists()
+    a_file = tmp_path / "merged.txt"
+    a_file.write_text("mine")
+    assert merge(tiny_model_dir, adapter_dir, a_file) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "mine"
+
+
+def test_probe_drops_the_system_message_when_the_template_refuses_it(tiny_model_dir):
+    from lorafit.data.render import render_prompt
+    from lorafit.infer.export import render_probe
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    text = tokenizer.decode(render_probe(tokenizer, render_prompt))
+    assert "system" not in text and text.rstrip().endswith("assistant:")

@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import Callable, Iterable, TextIO
 
+from lorafit.data.errors import BadRecordError
 from lorafit.infer.generate import Completion, PromptTooLongError, context_length, generate
 from lorafit.infer.loading import LoadedModel, add_model_arguments, load_from_args
 from lorafit.infer.options import GenerationOptions, add_generation_arguments, options_from_args
@@ -98,7 +99,7 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, err: TextI
             continue
         try:
             session.reply(message, write)
-        except PromptTooLongError as error:
+        except (PromptTooLongError, BadRecordError) as error:  # the template refused, or no room: say so, go on
             err.write(f"error: {error}\n")
         except KeyboardInterrupt:
             if not interactive:

@@ -101,7 +101,8 @@ def generation_config_for(model, tokenizer, stop_token_ids: list[int]):
     from transformers import GenerationConfig
 
     config = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
-    config.eos_token_id = stop_token_ids if len(stop_token_ids) > 1 else stop_token_ids[0]
+    if stop_token_ids:
+        config.eos_token_id = stop_token_ids if len(stop_token_ids) > 1 else stop_token_ids[0]
     if tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
@@ -133,6 +134,16 @@ def push(folder: Path, repo: str, private: bool) -> str:
     return f"https://huggingface.co/{repo}"
 
 
+def render_probe(tokenizer, render_prompt) -> list[int]:
+    """The probe conversation, without its system message when the template refuses system roles."""
+    from lorafit.data.errors import BadRecordError
+
+    try:
+        return render_prompt(tokenizer, PROBE_MESSAGES)
+    except BadRecordError:
+        return render_prompt(tokenizer, [m for m in PROBE_MESSAGES if m["role"] != "system"])
+
+
 def merge_and_save(args: argparse.Namespace, log=print) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -141,13 +152,19 @@ def merge_and_save(args: argparse.Namespace, log=print) -> Path:
     from lorafit.models import load_model
 
     output = Path(args.output_dir).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output_dir {output} is a file, not a folder")
     if output.exists() and any(output.iterdir()) and not args.overwrite_output_dir:
         raise UserError(f"--output_dir {output} is not empty: pass --overwrite_output_dir to replace it")
     adapter = check_adapter_folder(args.adapter)
     base = choose_base_model(args.model_name_or_path, adapter)
+    for source, name in ((Path(adapter), "--adapter"), (Path(str(base)), "the base model")):
+        if output.exists() and source.exists() and output.resolve() == source.resolve():
+            raise UserError(f"--output_dir {output} is {name}'s folder: the merge would delete its input; "
+                            "choose another --output_dir")
     tokenizer = load_inference_tokenizer(base, adapter, args.template, args.trust_remote_code)
     stop_token_ids = end_of_turn_token_ids(tokenizer)
-    probe = render_prompt(tokenizer, PROBE_MESSAGES)
+    probe = render_probe(tokenizer, render_prompt)
 
     # Merging happens in fp32 whatever the saved dtype, so the sum W + s B A is not rounded twice.
     model = load_model(base, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
@@ -172,7 +189,8 @@ def merge_and_save(args: argparse.Namespace, log=print) -> Path:
         tokenizer.save_pretrained(staging)
         del model  # one model in memory at a time: the reload below is the second
 
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype,
+                                                        trust_remote_code=args.trust_remote_code).eval()
         on_disk = compare_logits(probe_logits(reloaded, probe), reference)
         del reloaded
         if not on_disk.relative_error <= RELATIVE_TOLERANCE[dtype]:
