@@ -55,9 +55,15 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as error:
         raise UserError(f"--device {device!r}: {error}") from None
+    if resolved.type == "cuda" and (not torch.cuda.is_available()
+                                    or (resolved.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} usable CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available on this machine")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -92,14 +98,19 @@ def check_adapter_folder(adapter: str | Path) -> Path:
 
 
 def choose_base_model(model_name_or_path: str | None, adapter: Path | None) -> str | None:
-    """An explicit base wins; else the adapter's own base when it is reachable; else the embedded model."""
+    """An explicit base wins; else the adapter's own base (a folder, the embedded model or a Hub id);
+    else, when the adapter names none, the embedded model."""
     if model_name_or_path or adapter is None:
         return model_name_or_path
     named = adapter_base_model(adapter)
-    if named and (Path(named).expanduser().is_dir() or is_embedded(named)):
-        logger.info("base model from %s/adapter_config.json: %s", adapter, named)
-        return named
-    return None
+    if not named:
+        return None
+    looks_like_path = named.startswith(("/", ".", "~")) or named.count("/") > 1
+    if looks_like_path and not Path(named).expanduser().is_dir():
+        raise UserError(f"{adapter}/adapter_config.json names the base model {named}, which is not on this machine; "
+                        "pass --model_name_or_path with the model it was trained on")
+    logger.info("base model from %s/adapter_config.json: %s", adapter, named)
+    return named
 
 
 def load_inference_tokenizer(base: str | None, adapter: Path | None, template: str = "auto",

@@ -40,7 +40,8 @@ class GenerationOptions:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # Below 1e-5, logits / temperature overflows float32 for no gain: it is greedy in all but name.
+        return self.temperature < 1e-5 or self.top_k == 1
 
     def validate(self) -> "GenerationOptions":
         """Check every range once, at the boundary; errors name the flag."""
@@ -52,12 +53,13 @@ class GenerationOptions:
             raise GenerationOptionsError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise GenerationOptionsError("top_k", f"must be a non-negative integer (0 = off), got {self.top_k!r}")
-        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
+        if not _is_number(self.repetition_penalty) or not 0.01 <= self.repetition_penalty <= 100:
             raise GenerationOptionsError(
-                "repetition_penalty", f"must be a positive number (1 = off), got {self.repetition_penalty!r}"
+                "repetition_penalty", f"must be between 0.01 and 100 (1 = off), got {self.repetition_penalty!r}"
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise GenerationOptionsError("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**64):  # what torch.manual_seed takes
+            raise GenerationOptionsError("seed", f"must be an integer between -2**63 and 2**64 - 1, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationOptionsError("stop", f"strings must be non-empty, got {list(self.stop)!r}")
         return self
