@@ -132,3 +132,19 @@ def test_written_config_reruns_to_the_same_arguments(tmp_path):
     for name in ("learning_rate", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps",
                  "logging_steps", "num_train_epochs", "output_dir", "seed"):
         assert getattr(rerun.training, name) == getattr(original.training, name), name
+
+
+def test_file_flags_on_the_command_line_replace_the_files_lists(tmp_path):
+    """--train_file repeats (extend); given on the command line it replaces the YAML's list, never adds to it."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("train_file: [a.jsonl]\nvalidation_file: v.jsonl\noutput_dir: out\n")
+    config = parse_train_args([str(config_file), "--train_file", "b.jsonl", "--train_file", "c.jsonl"])
+    assert config.data.train_file == ["b.jsonl", "c.jsonl"] and config.data.validation_file == ["v.jsonl"]
+    assert parse_train_args([str(config_file)]).data.train_file == ["a.jsonl"]
+
+
+def test_config_file_values_are_checked_against_the_flags_choices(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("lora_impl: pef\n")
+    with pytest.raises(UserError, match="lora_impl: 'pef' is not one of native, peft"):
+        parse_train_args([str(config_file)])

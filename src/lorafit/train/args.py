@@ -14,6 +14,7 @@ of `lorafit.data.args`, LoRA arguments, and every `TrainingArguments` flag. Thre
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import sys
@@ -328,8 +329,20 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         config_file, argv = argv[0], argv[1:]
         file_values = read_config_file(config_file, names)
     argv = _rename_flags(argv)
-    parser.set_defaults(**file_values)
+    # A list flag given on the command line replaces the file's list: argparse's "extend" would
+    # add to a default instead (training on both), so such values are filled in after parsing.
+    list_flags = {a.dest for a in parser._actions if isinstance(a, argparse._ExtendAction)}
+    parser.set_defaults(**{k: v for k, v in file_values.items() if k not in list_flags})
     namespace, remaining = parser.parse_known_args(argv)
+    for action in parser._actions:  # argparse checks choices on the command line only, not on defaults
+        value = getattr(namespace, action.dest, None)
+        if action.choices and action.dest in file_values and value is not None and value not in action.choices:
+            raise ArgumentsError(f"{config_file}: {action.dest}: {value!r} is not one of "
+                                 f"{', '.join(map(str, action.choices))}")
+    for name in list_flags & set(file_values):
+        if getattr(namespace, name) is None:
+            value = file_values[name]
+            setattr(namespace, name, list(value) if isinstance(value, (list, tuple)) else value)
     for token in remaining:
         if token.startswith("-"):
             raise _unknown_name_error(token.lstrip("-").partition("=")[0], names, "on the command line")
