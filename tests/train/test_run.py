@@ -148,3 +148,14 @@ def test_gradient_checkpointing_trains_the_adapter_identically(tmp_path, quick_a
     assert losses(checkpointed) == pytest.approx(losses(plain), rel=1e-5)
     for key, value in adapter_tensors(plain).items():
         torch.testing.assert_close(adapter_tensors(checkpointed)[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_stopped_by_bad_data_does_not_block_its_folder(tmp_path, quick_args):
+    out = tmp_path / "run"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "hi"}\n')
+    args = quick_args(out, "--max_steps", "1")
+    with pytest.raises(UserError):
+        run.main(args[:args.index("--train_file") + 1] + [str(broken)] + args[args.index("--train_file") + 2:])
+    assert (out / "lorafit_config.yaml").exists() and not (out / "metrics.jsonl").exists()
+    assert run.main(args) == 0  # the corrected rerun goes ahead in the same folder

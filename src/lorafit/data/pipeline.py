@@ -199,12 +199,13 @@ def _prepare(data_args, tokenizer, train_files, eval_files, seed):
     evaluation = None
     if eval_items:
         evaluation = _finish_split(_tokenize(eval_items, data_args, tokenizer, key + "-eval"), summary, problems, False)
+    problems.sort(key=lambda problem: problem["ordinal"])
     if len(train) == 0 and not (problems and data_args.on_bad_record == "error"):
+        reasons = "".join(f"\n  {p['source']}: {p['reason']}" for p in problems[:5])
         raise DataConfigError(
             f"no usable training example in {', '.join(train_files)} "
-            f"({len(problems)} rejected, {summary.dropped} with no trainable token)"
+            f"({len(problems)} rejected, {summary.dropped} with no trainable token){reasons}"
         )
-    problems.sort(key=lambda problem: problem["ordinal"])
     summary.rejected = len(problems)
     _attach_records(problems, train_items + eval_items)
     return train, evaluation, summary, problems
@@ -237,7 +238,7 @@ def write_rejected(problems: list, output_dir: str | None) -> str | None:
     if not problems:
         return None
     if not output_dir:
-        logger.warning("%d bad record(s) skipped (no output_dir to write rejected.jsonl into)", len(problems))
+        logger.warning("%d bad record(s) skipped", len(problems))
         return None
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "rejected.jsonl")

@@ -31,7 +31,9 @@ from lorafit.train.config_file import write_config_yaml
 
 logger = logging.getLogger("lorafit.train")
 
-RUN_MARKERS = ("adapter_config.json", "config.json", "metrics.jsonl", "lorafit_config.yaml")
+# What a run leaves once it has trained (lorafit_config.yaml alone is a run that stopped before
+# training, e.g. on bad records: rerunning into its folder is allowed).
+RUN_MARKERS = ("adapter_config.json", "config.json", "metrics.jsonl")
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:
@@ -68,10 +70,10 @@ def check_output_dir(config: TrainConfig, resume: str | None, is_main: bool) -> 
     if not previous:
         return
     if not config.training.overwrite_output_dir:
+        resumable = "--resume_from_checkpoint auto to continue it, " if checkpoints_in(output_dir) else ""
         raise UserError(
             f"--output_dir {output_dir} already holds a run ({', '.join(sorted(previous)[:4])}); pass "
-            "--resume_from_checkpoint auto to continue it, --overwrite_output_dir to replace it, "
-            "or another --output_dir"
+            f"{resumable}--overwrite_output_dir to replace it, or another --output_dir"
         )
     if is_main:
         for checkpoint in checkpoints_in(output_dir):
@@ -154,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         model_path = resolve_model_path(config.model.model_name_or_path)
     tokenizer = prepare_tokenizer(config, model_path)
     with training.main_process_first(desc="tokenizing"):
-        prepared = build_datasets(config.data, tokenizer, str(output_dir), seed=training.seed)
+        # Only the main process writes files (rejected.jsonl among them).
+        prepared = build_datasets(config.data, tokenizer, str(output_dir) if training.should_save else None,
+                                  seed=training.seed)
     if training.should_log:
         print(prepared.summary.format(), flush=True)
     if training.eval_strategy != "no" and prepared.eval is None:
