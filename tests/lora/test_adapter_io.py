@@ -97,6 +97,11 @@ def test_wrong_base_shape_is_a_clear_error(tmp_path, tiny_llama):
     message = str(error.value)
     assert str(tmp_path) in message and "LlamaForCausalLM" in message
     assert "shapes that do not fit" in message and "q_proj.lora_A.weight" in message
+    # all or nothing: the model is left as it came in, with no wrappers, ready for the right adapter
+    assert not list(lora_layers(wider)) and all(p.requires_grad for p in wider.parameters())
+    right = build_tiny_llama(hidden_size=48, intermediate_size=96, head_dim=8)
+    lorafit.save_adapter(lorafit.add_lora(right, lorafit.LoraConfig()), tmp_path / "right")
+    assert list(lora_layers(lorafit.load_adapter(wider, tmp_path / "right")))
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path, tiny_llama):

@@ -164,10 +164,16 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False) ->
     if any("lora_embedding_" in key or "lora_magnitude_vector" in key for key in tensors):
         raise UserError(f"{path}: LoRA on embeddings or DoRA tensors are not supported by lorafit")
     config = config_from_file(raw, path)
+    trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
     add_lora(model, config)
     expected = adapter_state_dict(model)
     problems = _compare(expected, tensors)
-    if problems:
+    if problems:  # all or nothing: the model goes back to the way it came in
+        from lorafit.lora.merge import remove_lora
+
+        remove_lora(model)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable_before.get(name, parameter.requires_grad))
         raise AdapterMismatchError(
             f"adapter {path} does not fit base model {_describe(model)}:\n  " + "\n  ".join(problems)
         )

@@ -45,4 +45,16 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["merge_lora", "unmerge_lora", "LoraLinear", "ModulesToSave"]
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Take every wrapper out without folding anything: the base model as it was before `add_lora`."""
+    for name, layer in list(lora_layers(model)):
+        layer.unmerge()
+        _replace(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        _replace(model, name, wrapper.original_module)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+__all__ = ["merge_lora", "unmerge_lora", "remove_lora", "LoraLinear", "ModulesToSave"]
