@@ -89,9 +89,11 @@ def test_sharegpt_roles_and_tools(tmp_path):
         {"from": "observation", "value": "2"}, {"from": "gpt", "value": "2."}]}
     bad_role = {"conversations": [{"from": "robot", "value": "x"}]}
     no_reply = {"conversations": [{"from": "human", "value": "x"}]}
-    item, role_error, reply_error = read(write_jsonl(tmp_path / "s.jsonl", [record, bad_role, no_reply]))
+    list_role = {"conversations": [{"from": ["human"], "value": "x"}]}  # unhashable: still a bad record
+    item, role_error, reply_error, list_error = read(
+        write_jsonl(tmp_path / "s.jsonl", [record, bad_role, no_reply, list_role]))
     assert [m["role"] for m in item.messages] == ["user", "assistant", "tool", "assistant"] and item.tools == tools
-    assert "'from' must be one of" in role_error.reason
+    assert "'from' must be one of" in role_error.reason and "'from' must be one of" in list_error.reason
     assert reply_error.reason == "the conversation has no assistant message to learn from"
 
 

@@ -247,7 +247,7 @@ def from_sharegpt(record: dict, options: FormatOptions):
         where = f"conversations[{index}]"
         if not isinstance(turn, dict):
             raise BadRecordError(f"{where} must be an object, got {_json_type(turn)}")
-        role = SHAREGPT_ROLES.get(turn.get("from"))
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
         if role is None:
             raise BadRecordError(f"{where}: 'from' must be one of {', '.join(SHAREGPT_ROLES)}, got {turn.get('from')!r}")
         value = _string(turn, "value", what=f"{where} key", nonempty=role == "assistant")

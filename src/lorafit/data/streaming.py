@@ -84,7 +84,7 @@ def build_streaming_datasets(data_args, tokenizer, train_files, eval_files, outp
     summary.rejected_path = write_rejected(problems, output_dir)
 
     common = {"options": options, "tokenizer": tokenizer, "limits": Limits.from_args(data_args),
-              "train_on": data_args.train_on, "end_of_turn_ids": end_of_turn_token_ids(tokenizer),
+              "train_on": data_args.train_on, "end_of_turn_ids": tuple(end_of_turn_token_ids(tokenizer)),  # a list would be sharded
               "percentage": data_args.validation_split_percentage, "on_bad_record": data_args.on_bad_record,
               "keep_source": keep_source}
     split_train = "all" if eval_files or not data_args.validation_split_percentage else "train"
