@@ -63,11 +63,17 @@ def attach_adapter(model, lora_args: LoraArguments):
         model.requires_grad_(True)
         return model
     if lora_args.lora_impl == "peft":
-        from peft import PeftModel, get_peft_model
-
-        if lora_args.peft_path:
-            return PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
-        return get_peft_model(model, peft_lora_config(lora_args))
+        try:
+            from peft import PeftModel, get_peft_model
+        except ImportError:
+            raise UserError("--lora_impl peft needs the peft library: pip install peft "
+                            "(or use --lora_impl native, the default)") from None
+        try:
+            if lora_args.peft_path:
+                return PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+            return get_peft_model(model, peft_lora_config(lora_args))
+        except ValueError as error:  # e.g. target modules that match nothing
+            raise UserError(f"--lora_impl peft: {error}") from None
     if lora_args.peft_path:
         logger.info("continuing adapter %s (its own LoRA settings apply)", lora_args.peft_path)
         return load_adapter(model, lora_args.peft_path, trainable=True)
