@@ -161,3 +161,18 @@ def test_saved_tokenizer_carries_the_template(tokenizer, tmp_path):
     set_chat_template(tokenizer, "alpaca").save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert render_prompt(reloaded, CONVERSATION[:-1]) == render_prompt(tokenizer, CONVERSATION[:-1])
+
+
+def test_tool_calls_under_a_template_that_drops_them_are_a_bad_record(smol_tokenizer):
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    messages = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3."}]
+    chatml = set_chat_template(fresh(smol_tokenizer), "chatml")
+    with pytest.raises(BadRecordError, match="'tool_calls' but the chat template ignores them"):
+        render_example(chatml, messages)
+    aware = fresh(chatml)
+    aware.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
+        "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}")
+    rendered = render_text(aware, messages)
+    assert '"name": "add"' in rendered

@@ -47,6 +47,12 @@ class RenderedConversation:
 
 def render_text(tokenizer, messages: list[dict], tools=None, add_generation_prompt: bool = False) -> str:
     """The conversation as text, rendered by the tokenizer's current chat template."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
+    if "tool_calls" not in template and any(message.get("tool_calls") for message in messages):
+        # Such a template drops the calls: the model would be trained to answer them with nothing.
+        raise BadRecordError("an assistant message has 'tool_calls' but the chat template ignores them; "
+                             "use a template that renders tool calls (--template auto with a tool-aware model, "
+                             "or a .jinja file)")
     try:
         return tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
