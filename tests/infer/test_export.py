@@ -119,7 +119,6 @@ def test_output_dir_that_is_the_adapter_or_a_file_is_refused(tiny_model_dir, ada
 
 
 def test_probe_drops_the_system_message_when_the_template_refuses_it(tiny_model_dir):
-    from lorafit.data.render import render_prompt
     from lorafit.infer.export import render_probe
 
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -128,5 +127,5 @@ def test_probe_drops_the_system_message_when_the_template_refuses_it(tiny_model_
         "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    text = tokenizer.decode(render_probe(tokenizer, render_prompt))
+    text = tokenizer.decode(render_probe(tokenizer))
     assert "system" not in text and text.rstrip().endswith("assistant:")

@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_skipped(problems: list[tuple[str, str]]) -> None:
+    for source, reason in problems:
+        print(f"skipping {source}: {reason}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = options_from_args(args)
@@ -182,14 +187,12 @@ def main(argv: list[str]) -> int:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     records, problems = read_prompts(args.input, args.on_bad_record)
-    for source, reason in problems:
-        print(f"skipping {source}: {reason}", file=sys.stderr)
+    report_skipped(problems)
     if args.output.exists() and not (args.resume or args.overwrite):
         raise UserError(f"--output {args.output} exists: pass --resume to continue it or --overwrite to replace it")
     loaded = load_from_args(args)
     records, problems = render_prompts(loaded, records, args.on_bad_record)
-    for source, reason in problems:
-        print(f"skipping {source}: {reason}", file=sys.stderr)
+    report_skipped(problems)
     done = completed_lines(args.output) if args.resume and args.output.exists() else 0
     if done > len(records):
         raise UserError(f"--output {args.output} has {done} lines but --input has only {len(records)} prompts")

@@ -134,9 +134,10 @@ def push(folder: Path, repo: str, private: bool) -> str:
     return f"https://huggingface.co/{repo}"
 
 
-def render_probe(tokenizer, render_prompt) -> list[int]:
+def render_probe(tokenizer) -> list[int]:
     """The probe conversation, without its system message when the template refuses system roles."""
     from lorafit.data.errors import BadRecordError
+    from lorafit.data.render import render_prompt
 
     try:
         return render_prompt(tokenizer, PROBE_MESSAGES)
@@ -147,7 +148,6 @@ def render_probe(tokenizer, render_prompt) -> list[int]:
 def merge_and_save(args: argparse.Namespace, log=print) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from lorafit.data.render import render_prompt
     from lorafit.data.templates import end_of_turn_token_ids
     from lorafit.models import load_model
 
@@ -164,7 +164,7 @@ def merge_and_save(args: argparse.Namespace, log=print) -> Path:
                             "choose another --output_dir")
     tokenizer = load_inference_tokenizer(base, adapter, args.template, args.trust_remote_code)
     stop_token_ids = end_of_turn_token_ids(tokenizer)
-    probe = render_probe(tokenizer, render_prompt)
+    probe = render_probe(tokenizer)
 
     # Merging happens in fp32 whatever the saved dtype, so the sum W + s B A is not rounded twice.
     model = load_model(base, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
