@@ -12,9 +12,10 @@ from lorafit.lora.inject import (
 )
 from lorafit.lora.layer import LoraLinear, ModulesToSave
 from lorafit.lora.merge import merge_lora, unmerge_lora
+from lorafit.lora.shared_input import share_inputs
 
 __all__ = [
     "LoraConfig", "LoraLinear", "ModulesToSave", "add_lora", "enable_gradient_checkpointing",
     "find_target_modules", "load_adapter", "lora_layers", "merge_lora", "print_trainable_parameters",
-    "read_adapter_config", "save_adapter", "trainable_parameters", "unmerge_lora",
+    "read_adapter_config", "save_adapter", "share_inputs", "trainable_parameters", "unmerge_lora",
 ]

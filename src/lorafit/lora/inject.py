@@ -11,6 +11,7 @@ from torch import nn
 from lorafit.errors import TargetModulesError
 from lorafit.lora.config import ALL_LINEAR, LoraConfig
 from lorafit.lora.layer import LoraLinear, ModulesToSave
+from lorafit.lora.shared_input import share_inputs
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -90,6 +91,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype | 
     saved = find_modules_to_save(model, config.modules_to_save)
     for name in saved:
         _set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
+    share_inputs(model)  # an execution detail: files and parameters stay per layer
     model.lora_config = config
     return model
 

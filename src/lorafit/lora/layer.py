@@ -20,6 +20,13 @@ follow autocast as usual. The loss is computed in float32 by the model.
 
 GPT-2's `Conv1D` stores W as (in x out) (`fan_in_fan_out`); A and B keep the usual shapes, and
 only merging needs the transpose.
+
+How the update is computed, cheaply and exactly: dropout's mask is cheap (`lora/dropout.py`), its
+`1 / (1 - p)` scale and `alpha / r` are folded into the small A and B instead of passes over the
+large activations, and the update is added inside the second matmul (`addmm`), so an adapted layer
+costs two thin matmuls and one mask over its input. Layers that read the same input (q/k/v,
+gate/up) share that mask and the first matmul (`lora/shared_input.py`); `low_rank_input` below is
+the plain path each group must equal.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorafit.lora.dropout import InputDropout
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
@@ -54,7 +63,8 @@ class LoraLinear(nn.Module):
         self.fan_in_fan_out = fan_in_fan_out
         self.r, self.lora_alpha = r, lora_alpha
         self.scaling = lora_alpha / r if scaling is None else scaling
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = InputDropout(lora_dropout)
+        self.shared_input = None  # a SharedInputGroup when siblings read the same input
         device = base_layer.weight.device
         dtype = adapter_dtype or (torch.float32 if base_layer.weight.dtype in (torch.float16, torch.bfloat16)
                                   else base_layer.weight.dtype)
@@ -86,16 +96,34 @@ class LoraLinear(nn.Module):
     def bias(self):
         return getattr(self.base_layer, "bias", None)
 
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The adapter computes in the activation's dtype, or autocast's when it is on."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def low_rank_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`dropout(x) A^T`, the r-wide input of B (the plain path; groups compute it together)."""
+        a = self.lora_A.weight.to(self.compute_dtype(x))
+        if self.lora_dropout.active:
+            a = a * self.lora_dropout.keep_scale
+        return F.linear(self.lora_dropout.masked(x).to(a.dtype), a)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
-        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
-        a = self.lora_A.weight.to(dtype)
+        if self.shared_input is not None:
+            h = self.shared_input.low_rank_input(self, x)
+        else:
+            h = self.low_rank_input(x)
         # Scaling B (out x r) instead of the update (tokens x out) saves a pass over the output.
-        b = (self.lora_B.weight * self.scaling).to(dtype)
-        update = F.linear(F.linear(self.lora_dropout(x).to(dtype), a), b)
-        return result + update.to(result.dtype)
+        b = (self.lora_B.weight * self.scaling).to(h.dtype)
+        if result.dtype == h.dtype and result.dim() >= 2:
+            # result + h B^T in one GEMM (beta = 1): no separate pass to add the update.
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+            return flat.view(result.shape)
+        return result + F.linear(h, b).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in the base weight's layout, computed in float32."""

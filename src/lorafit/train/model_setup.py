@@ -14,7 +14,7 @@ import logging
 import torch
 
 from lorafit.errors import UserError
-from lorafit.lora import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter
+from lorafit.lora import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, share_inputs
 from lorafit.models import load_model
 from lorafit.train.args import LoraArguments, ModelArguments, split_module_list
 
@@ -93,4 +93,8 @@ def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArgu
         # Done here once, with input embeddings requiring grad; the Trainer must not redo it
         # with different settings.
         training_args.activation_checkpointing = training_args.gradient_checkpointing = False
-    return attach_adapter(model, lora_args)
+    model = attach_adapter(model, lora_args)
+    if training_args.deepspeed or training_args.fsdp:
+        # Sharded parameters are gathered per module: a layer must not read its siblings' A.
+        share_inputs(model, False)
+    return model
