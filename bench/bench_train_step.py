@@ -3,7 +3,8 @@
 Each variant runs the same forward + backward + optimizer step on the same model and batch:
   floor    the base model, frozen, with gradients flowing to the input embeddings only: the work
            every LoRA method must do at least (activation gradients through every layer)
-  lorafit  lorafit.add_lora, target all-linear
+  lorafit  lorafit.add_lora, target all-linear, with lorafit train's loss (head and loss at trained
+           positions only, chunked: `lorafit.train.trained_token_loss`); every position is trained here
   peft     peft.get_peft_model with the same LoraConfig (PEFT's defaults: fp32 adapters, autocast)
 and prints the median step time, tokens/s and peak memory, with ratios to the floor and between us
 and PEFT. Timings interleave the variants round by round so drift hits all of them alike.
@@ -24,6 +25,7 @@ import torch
 
 import lorafit
 from lorafit.models import load_model
+from lorafit.train.trained_token_loss import use_trained_token_loss
 
 
 def build_model(name: str, dtype: torch.dtype, device: str, attn: str | None):
@@ -52,6 +54,8 @@ def make_variant(kind: str, args, dtype, device):
     elif kind == "lorafit":
         lorafit.add_lora(model, lorafit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
                                                    target_modules="all-linear"))
+        if not args.model_loss:
+            use_trained_token_loss(model)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         import peft
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--grad_ckpt", action="store_true")
     parser.add_argument("--variants", default="floor,lorafit,peft")
+    parser.add_argument("--model_loss", action="store_true", help="lorafit with the model's own loss (full logits)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     autocast_dtype = dtype if args.autocast and dtype != torch.float32 else None
@@ -137,6 +142,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ndevice: {device_name} | model: {args.model} | dtype: {args.dtype}{' +autocast' if autocast_dtype else ''} "
           f"| batch {args.batch} x seq {args.seq} | rank {args.rank} all-linear | grad ckpt {args.grad_ckpt} "
+          f"| lorafit loss: {'model' if args.model_loss else 'trained-token'} "
           f"| torch {torch.__version__} | commit {commit()}")
     floor = statistics.median(times["floor"]) if "floor" in times else None
     print(f"{'variant':<9} {'step ms':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")

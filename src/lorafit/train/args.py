@@ -73,6 +73,11 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "run model code shipped with a Hub checkpoint (off: it is arbitrary code)"}
     )
+    trained_token_loss: bool = field(
+        default=True,
+        metadata={"help": "compute the output head and loss at trained positions only, in chunks: the same loss "
+                          "without the full [tokens x vocab] logits (faster, far less memory); false: the model's own loss"},
+    )
 
 
 @dataclass

@@ -1,0 +1,155 @@
+"""The loss of a causal LM at its trained positions only, without ever holding the full logits.
+
+A Hugging Face causal LM computes `logits = lm_head(hidden)` for every position of the batch, a
+`[tokens x vocab]` float32 tensor (0.6 GB for 3,200 tokens at SmolLM2's 49k vocabulary), then its
+log-softmax and, in the backward pass, a gradient of the same size: the largest tensors of an SFT
+step, mostly spent on prompt positions whose label is -100 and which teach nothing.
+
+`trained_token_loss` computes the same number, `sum over trained positions of
+logsumexp(logits) - logit[target]`, divided like the stock loss (by `num_items_in_batch` when the
+Trainer passes it, else by the count of trained tokens), but:
+
+* only at positions whose (shifted) label is not -100: hidden states are gathered first, so the
+  head's matmul runs over trained tokens only;
+* in chunks of rows: each chunk's logits live only while the chunk is processed;
+* with the gradient computed in the forward pass (softmax - one-hot is the gradient of the
+  logits), so the backward pass is one multiply by the incoming scalar and nothing of
+  `[tokens x vocab]` size is kept for it.
+
+It is exact (tests/train/test_trained_token_loss.py checks loss and gradients against the model's
+own loss), and `use_trained_token_loss(model)` switches a model to it for architectures whose head
+is a plain linear layer (no logit soft-capping or scaling, no auxiliary router loss); any other
+model keeps its own loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lorafit.lora import ModulesToSave
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats, 64 MB in float32
+
+# Model types whose causal-LM forward is `lm_head(decoder(...).last_hidden_state)` + the standard
+# shifted cross-entropy. (Config flags that change the head are checked too, see `supports`.)
+PLAIN_HEAD_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo",
+    "olmo2", "gpt2", "smollm3", "starcoder2", "stablelm", "gpt_neox",
+}
+HEAD_CHANGING_FLAGS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i (logsumexp(h_i W^T) - (h_i W^T)[t_i]) / denominator, chunked, gradients in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, denominator, chunk_rows):
+        needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss_dtype = torch.promote_types(weight.dtype, torch.float32)  # the loss is at least float32
+        grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if needs_weight_grad else None
+        total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start:start + chunk_rows]
+            chunk_targets = targets[start:start + chunk_rows]
+            logits = (rows @ weight.T).to(loss_dtype)
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            total += (log_normalizer - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            if needs_hidden_grad or needs_weight_grad:
+                # d loss / d logits = (softmax - one_hot) / denominator, computed in place
+                grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+                grad_logits[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1.0
+                grad_logits.div_(denominator.to(loss_dtype))
+                if needs_hidden_grad:
+                    grad_hidden[start:start + chunk_rows] = grad_logits.to(weight.dtype) @ weight
+                if needs_weight_grad:
+                    grad_weight += grad_logits.T @ rows.to(loss_dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / denominator.to(loss_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def trained_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                       num_items_in_batch=None, shift_labels: torch.Tensor | None = None,
+                       chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Mean next-token cross-entropy over the trained positions of `hidden` ([batch, seq, dim]).
+
+    `labels` are unshifted (as passed to the model); `shift_labels` already shifted. The division is
+    the stock loss's: by `num_items_in_batch` when given, else by the number of trained tokens.
+    """
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    shift_labels = shift_labels.to(hidden.device)
+    trained = shift_labels != IGNORE_INDEX
+    rows = hidden[trained]
+    targets = shift_labels[trained]
+    if num_items_in_batch is None:
+        denominator = torch.clamp(trained.sum(), min=1).to(torch.float32)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32)
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    return _LinearCrossEntropy.apply(rows, weight, targets, denominator, chunk_rows)
+
+
+def supports(model) -> bool:
+    """Whether `model`'s loss is the plain head + shifted cross-entropy this module reproduces."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return False
+    if any(getattr(config, flag, None) for flag in HEAD_CHANGING_FLAGS):
+        return False
+    return head_weight(model) is not None and hasattr(model, "get_decoder")
+
+
+def head_weight(model) -> torch.Tensor | None:
+    """The output head's weight when the head is a bias-free linear map (trained in full or frozen)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, ModulesToSave):  # --modules_to_save lm_head: the trained copy is the head
+        head = head.trained
+    if isinstance(head, torch.nn.Linear) and head.bias is None:
+        return head.weight
+    return None  # a LoRA-adapted or biased head: the model's own loss
+
+
+def use_trained_token_loss(model) -> bool:
+    """Make `model(..., labels=...)` compute `trained_token_loss` (no logits returned); False if unsupported.
+
+    The model's own forward still runs when no labels are given (generation, inference), so only
+    the loss computation changes. The signature is kept, so the Trainer's column filtering and
+    `num_items_in_batch` detection see the original forward.
+    """
+    if not supports(model):
+        return False
+    original = model.forward
+
+    @functools.wraps(original.__func__)  # the unbound function, so the signature keeps its `self`
+    def forward(self, input_ids=None, *, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                num_items_in_batch=None, shift_labels=None, logits_to_keep=0, **kwargs):
+        if labels is None and shift_labels is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **kwargs)
+        kwargs.pop("use_cache", None)
+        kwargs.pop("return_dict", None)
+        outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+        loss = trained_token_loss(outputs.last_hidden_state, labels, head_weight(self),
+                                  num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    model.forward = types.MethodType(forward, model)
+    model.uses_trained_token_loss = True
+    return True
