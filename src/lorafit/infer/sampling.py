@@ -67,6 +67,23 @@ def choose_next_tokens(
     return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(-1)
 
 
+def choose_next_tokens_per_row(
+    logits: torch.Tensor,
+    options: list[GenerationOptions],
+    seen: list[torch.Tensor | None],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """The next token of each row, each with its own settings and generator: `logits` [rows, vocab]
+    -> token ids [rows]. A row's draw never depends on its neighbours, so a seeded request samples
+    the same tokens whatever batch it runs in. `seen[row]` is that row's [1, vocab] mask or None."""
+    chosen = logits.argmax(dim=-1)  # what greedy rows without a penalty take; the rest are redone
+    for row, (row_options, row_seen, generator) in enumerate(zip(options, seen, generators)):
+        if row_options.greedy and row_seen is None:
+            continue
+        chosen[row] = choose_next_tokens(logits[row:row + 1], row_options, seen=row_seen, generator=generator)[0]
+    return chosen
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
     generator = torch.Generator(device=device)
     if seed is None:

@@ -1,0 +1,345 @@
+"""Continuous batching: one running batch that requests join and leave between decode steps.
+
+A decode step reads every weight of the model to produce one token per row, and reading them for
+eight rows costs little more than for one; answering requests one after the other wastes that. So
+the engine keeps one running batch (`DecodeBatch`, one KV cache for all rows) and at each `step`:
+
+1. rows whose client left (`GenerationRequest.cancel`) leave;
+2. waiting requests join while there is room (`max_batch_size`): they are prefilled together, each
+   chooses its first token, and their cache rows are spliced into the running batch;
+3. one model call feeds every row its newest token; each row chooses its next token with its own
+   settings and its own seeded generator, its text is decoded incrementally (streaming, stop
+   strings), and the rows that finish leave.
+
+A row sees what it would see alone: padding is masked, position ids count its own tokens, and its
+draws come from its own generator. (Greedy answers are the solo answers as long as batched matrix
+products round alike, which `tests/infer/test_engine.py` checks on a tiny model and
+`bench/bench_serve.py` on the embedded one.)
+
+`lorafit serve` runs `run_forever` in one thread while request handlers `submit` from others;
+`generate` (and `lorafit generate`) submit their prompts and call `step` until they are answered.
+Each row carries an `adapter_id`, so a later version can give rows of one batch different
+adapters (a per-row adapter index in the LoRA layers); today every row uses the loaded model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lorafit.errors import UserError
+from lorafit.infer.decode_batch import DecodeBatch
+from lorafit.infer.detokenize import IncrementalDecoder
+from lorafit.infer.options import GenerationOptions
+from lorafit.infer.sampling import choose_next_tokens_per_row, make_generator
+
+DEFAULT_MAX_BATCH_SIZE = 8
+
+# on_text(new_text) -> False to stop this answer (e.g. the client went away); called from the engine's thread.
+TextCallback = Callable[[str], "bool | None"]
+
+
+@dataclass
+class Completion:
+    text: str  # the answer, without stop tokens and cut before any stop string
+    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
+    finish_reason: str = "length"  # "stop" (stop token or string), "length" (max_new_tokens), "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens the model produced, stop token included (what was paid for)
+
+
+class PromptTooLongError(UserError):
+    """The prompt leaves no room for an answer within the model's context length."""
+
+
+def context_length(model) -> int | None:
+    """The most positions the model was built for (None when its config does not say)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One answer to produce. `done` resolves to its `Completion`, or to None when it was cancelled
+    before it joined the batch; `cancel()` makes a running one leave at the next step."""
+
+    prompt: list[int]
+    options: GenerationOptions
+    on_text: TextCallback | None = None
+    stop_token_ids: tuple[int, ...] = ()  # end of turn / EOS: the token ends the answer and is not part of it
+    adapter_id: str | None = None  # which adapter answers this row; None: the loaded model (the only one today)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: Future = field(default_factory=Future)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request in the running batch, with everything that is its own."""
+
+    request: GenerationRequest
+    completion: Completion
+    room: int  # the most tokens it may produce: max_new_tokens, cut to what fits in the context
+    decoder: IncrementalDecoder | None  # None without a tokenizer: token ids only
+    generator: torch.Generator | None  # None for greedy
+    seen: torch.Tensor | None  # [1, vocab] tokens already in its text, for the repetition penalty
+    error: BaseException | None = None  # raised by its on_text callback
+    finished: bool = False
+
+
+class BatchingEngine:
+    """The scheduler and the batched decode step; see the module docstring."""
+
+    def __init__(self, model, tokenizer=None, *, stop_token_ids=(), pad_token_id: int | None = None,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        if max_batch_size < 1:
+            raise UserError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (self.stop_token_ids or (0,))[0]
+        self.max_batch_size = max_batch_size
+        self.context_length = context_length(model)
+        self._waiting: deque[GenerationRequest] = deque()
+        self._wake = threading.Condition()  # guards `_waiting` and `_closed`
+        self._closed = False
+        self._rows: list[_Row] = []  # the running batch, in DecodeBatch row order
+        self._batch: DecodeBatch | None = None
+        self._newest_tokens: torch.Tensor | None = None  # [rows]: chosen, not yet fed to the model
+
+    # --- the interface -----------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], options: GenerationOptions, *, on_text: TextCallback | None = None,
+               stop_token_ids: tuple[int, ...] | list[int] | None = None,
+               adapter_id: str | None = None) -> GenerationRequest:
+        """Queue one answer (thread-safe); it joins the batch at a coming step. `stop_token_ids`
+        None means the engine's (end of turn / EOS)."""
+        if not prompt:
+            raise UserError("every prompt needs at least one token")
+        if options.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        if adapter_id is not None:
+            raise ValueError("this engine serves one model: per-row adapters are not built yet")
+        if self.context_length is not None and len(prompt) >= self.context_length:
+            raise PromptTooLongError(f"the prompt has {len(prompt)} tokens but the model's context length is "
+                                     f"{self.context_length}: shorten it")
+        stops = self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
+        request = GenerationRequest(list(prompt), options, on_text, stops, adapter_id)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def idle(self) -> bool:
+        with self._wake:
+            return not self._rows and not self._waiting
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Rows that were cancelled leave, waiting requests join, then one decode step."""
+        try:
+            self._leave_if_cancelled()
+            self._admit()
+            if self._rows:
+                self._decode()
+        except Exception as error:  # the batch is lost; its requests learn why, later ones still run
+            self._fail_running(error)
+
+    def run_until_idle(self) -> None:
+        while not self.idle:
+            self.step()
+
+    def run_forever(self) -> None:
+        """Serve submissions until `close()` (run it in its own thread)."""
+        while True:
+            with self._wake:
+                while not self._closed and not self._rows and not self._waiting:
+                    self._wake.wait()
+                if self._closed:
+                    break
+            self.step()
+        for row in self._rows:
+            row.request.cancel()
+        self._leave_if_cancelled()
+        with self._wake:
+            leftovers, self._waiting = list(self._waiting), deque()
+        for request in leftovers:
+            _resolve(request, None)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, name="lorafit-engine", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+
+    # --- the steps ---------------------------------------------------------------------------
+
+    def _leave_if_cancelled(self) -> None:
+        for row in self._rows:
+            if row.request.cancelled.is_set() and not row.finished:
+                row.completion.finish_reason = "cancelled"
+                self._finish(row, flush=False)
+        self._drop_finished()
+
+    def _admit(self) -> None:
+        if self._batch is not None and not self._batch.can_join:
+            return  # this cache cannot take rows mid-flight: newcomers wait for an empty batch
+        group = self._take_waiting(self.max_batch_size - len(self._rows))
+        if not group:
+            return
+        rows = [self._new_row(request) for request in group]
+        try:
+            batch, logits = DecodeBatch.prefill(self.model, [r.request.prompt for r in rows], self.pad_token_id)
+            tokens = self._choose(logits, rows)
+        except Exception as error:  # only this group is lost; the running batch goes on
+            for row in rows:
+                row.error = error
+                self._finish(row, flush=False)
+            return
+        if self._batch is None:
+            self._batch, self._newest_tokens = batch, tokens
+        else:
+            self._batch.join(batch)
+            self._newest_tokens = torch.cat([self._newest_tokens, tokens])
+        self._rows += rows
+        self._take_tokens(rows, tokens)
+        self._drop_finished()
+
+    def _take_waiting(self, room: int) -> list[GenerationRequest]:
+        group = []
+        with self._wake:
+            while self._waiting and len(group) < room:
+                request = self._waiting.popleft()
+                if request.cancelled.is_set():
+                    _resolve(request, None)  # it left before its turn: nothing was generated
+                elif request.done.set_running_or_notify_cancel():
+                    group.append(request)
+        return group
+
+    def _decode(self) -> None:
+        logits = self._batch.step(self.model, self._newest_tokens)
+        self._newest_tokens = self._choose(logits, self._rows)
+        self._take_tokens(self._rows, self._newest_tokens)
+        self._drop_finished()
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        tokens = choose_next_tokens_per_row(logits, [r.request.options for r in rows], [r.seen for r in rows],
+                                            [r.generator for r in rows])
+        for index, row in enumerate(rows):
+            if row.seen is not None:
+                row.seen[0, tokens[index]] = True
+        return tokens
+
+    def _take_tokens(self, rows: list[_Row], tokens: torch.Tensor) -> None:
+        for row, token in zip(rows, tokens.tolist()):  # the one host sync per step
+            if not row.finished:
+                self._take_token(row, token)
+
+    def _take_token(self, row: _Row, token: int) -> None:
+        completion = row.completion
+        completion.completion_tokens += 1
+        if token in row.request.stop_token_ids:
+            completion.finish_reason = "stop"
+            return self._finish(row)
+        completion.token_ids.append(token)
+        if row.decoder is not None:
+            new_text = row.decoder.add(token)
+            if new_text and not self._emit(row, new_text):
+                completion.finish_reason = "cancelled"
+                return self._finish(row, flush=False)
+            if row.decoder.stopped:  # a stop string appeared
+                completion.finish_reason = "stop"
+                return self._finish(row)
+        if completion.completion_tokens >= row.room:
+            self._finish(row)
+
+    def _emit(self, row: _Row, text: str) -> bool:
+        """Hand new text to the row's callback; False when the row must stop."""
+        if row.request.on_text is None:
+            return True
+        try:
+            return row.request.on_text(text) is not False
+        except Exception as error:  # the caller's problem, reported through its own future
+            row.error = error
+            return False
+
+    def _finish(self, row: _Row, flush: bool = True) -> None:
+        row.finished = True
+        completion = row.completion
+        if row.decoder is not None:
+            tail = row.decoder.finish() if flush else ""
+            if tail:
+                self._emit(row, tail)
+            completion.text = row.decoder.answer
+            if row.decoder.stopped and completion.finish_reason == "length":
+                completion.finish_reason = "stop"  # the stop string showed up in the last characters
+        if row.error is not None:
+            row.request.done.set_exception(row.error)
+        else:
+            row.request.done.set_result(completion)
+
+    def _drop_finished(self) -> None:
+        keep = [index for index, row in enumerate(self._rows) if not row.finished]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._batch, self._newest_tokens = [], None, None
+            return
+        self._batch.keep_rows(keep)
+        self._newest_tokens = self._newest_tokens[torch.tensor(keep, device=self._newest_tokens.device)]
+        self._rows = [self._rows[index] for index in keep]
+
+    def _fail_running(self, error: Exception) -> None:
+        for row in self._rows:
+            if not row.finished:
+                row.error = error
+                self._finish(row, flush=False)
+        self._rows, self._batch, self._newest_tokens = [], None, None
+
+    def _new_row(self, request: GenerationRequest) -> _Row:
+        options, prompt = request.options, request.prompt
+        room = options.max_new_tokens
+        if self.context_length is not None:
+            room = min(room, self.context_length - len(prompt))
+        device = self.model.device
+        seen = None
+        if options.repetition_penalty != 1.0:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            seen = torch.zeros((1, vocab), dtype=torch.bool, device=device)
+            seen[0, torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        return _Row(
+            request=request,
+            completion=Completion(text="", prompt_tokens=len(prompt)),
+            room=room,
+            decoder=IncrementalDecoder(self.tokenizer, options.stop) if self.tokenizer is not None else None,
+            generator=None if options.greedy else make_generator(options.seed, device),
+            seen=seen,
+        )
+
+
+def _resolve(request: GenerationRequest, value) -> None:
+    """Settle a request that never ran (its future may have been cancelled by an async waiter)."""
+    if request.done.set_running_or_notify_cancel():
+        request.done.set_result(value)
