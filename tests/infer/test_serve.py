@@ -16,7 +16,7 @@ import uvicorn
 from lorafit.data.render import render_prompt
 from lorafit.infer.loading import load_for_inference
 from lorafit.infer.options import GenerationOptions
-from lorafit.infer.serve import Engine, create_app
+from lorafit.infer.serve import ServedModel, create_app
 
 API_KEY = "test-key-123"
 MODEL = "tiny"
@@ -29,10 +29,14 @@ def loaded(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def server_url(loaded):
+def served(loaded):
+    return ServedModel(loaded, GenerationOptions(max_new_tokens=16), max_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def server_url(served):
     """A real uvicorn server on a free port of 127.0.0.1, in a background thread."""
-    app = create_app(Engine(loaded, GenerationOptions(max_new_tokens=16)), MODEL, api_key=API_KEY,
-                     max_body_bytes=4096)
+    app = create_app(served, MODEL, api_key=API_KEY, max_body_bytes=4096)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -101,6 +105,79 @@ def test_concurrent_requests_are_not_interleaved(client):
     assert together == alone
 
 
+def test_requests_joining_a_running_batch_get_their_solo_answers(client, served):
+    """Different prompt lengths, max_tokens and stop strings, arriving one after another while the
+    first is still decoding: each answer equals the one the same request gets alone."""
+    asks = [("Write a long story.", 200, None), ("Hi", 12, None), ("What is the capital of France, and why?", 40, 1),
+            ("Name a few colours", 25, 2)]
+    requests = []
+    for text, max_tokens, stop_at in asks:
+        request = dict(messages=ask(text), temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": True})
+        if stop_at is not None:
+            free = client.chat.completions.create(model=MODEL, **request).choices[0].message.content
+            request["stop"] = [free[stop_at * 5:stop_at * 5 + 3]]
+        requests.append(request)
+    solo = [client.chat.completions.create(model=MODEL, **r).choices[0] for r in requests]
+    assert [c.finish_reason for c in solo] == ["length", "length", "stop", "stop"]
+
+    most_running = []
+    watching = threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            most_running.append(served.engine.running)
+            time.sleep(0.002)
+
+    def answer(index):
+        time.sleep(0.05 * index)  # arrive one after another
+        if index % 2:  # half of them streaming
+            stream = client.chat.completions.create(model=MODEL, stream=True, **requests[index])
+            chunks = [c for c in stream if c.choices]
+            return ("".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason)
+        choice = client.chat.completions.create(model=MODEL, **requests[index]).choices[0]
+        return choice.message.content, choice.finish_reason
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(answer, range(len(requests))))
+    watching.set()
+    watcher.join()
+    assert together == [(c.message.content, c.finish_reason) for c in solo]
+    assert max(most_running) >= 2  # they did share the batch
+
+
+def test_a_streaming_client_that_disconnects_leaves_the_batch(server_url, client, served, monkeypatch):
+    submitted = []
+    submit = served.submit
+
+    def recording_submit(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    monkeypatch.setattr(served, "submit", recording_submit)
+    long_answer = dict(model=MODEL, temperature=0, max_tokens=200, extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(2) as pool:
+        staying = [pool.submit(lambda t=t: client.chat.completions.create(messages=ask(t), **long_answer))
+                   for t in ("first", "second")]
+        body = {"model": MODEL, "messages": ask("leaving"), "stream": True, "ignore_eos": True, "max_tokens": 200}
+        with httpx.stream("POST", f"{server_url}/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+            content_chunks = 0
+            for line in response.iter_lines():
+                content_chunks += '"content": "' in line and '"content": ""' not in line
+                if content_chunks == 3:
+                    break  # and hang up mid-answer
+        left = next(r for r in submitted if r.on_text is not None)
+        completion = left.done.result(timeout=30)
+        assert completion.finish_reason == "cancelled" and completion.completion_tokens < 200
+        answers = [future.result() for future in staying]
+    assert [a.usage.completion_tokens for a in answers] == [200, 200]
+    alone = [client.chat.completions.create(messages=ask(t), **long_answer).choices[0].message.content
+             for t in ("first", "second")]
+    assert [a.choices[0].message.content for a in answers] == alone
+
+
 def test_stop_string_and_extra_sampling_fields(client):
     free = client.chat.completions.create(model=MODEL, messages=ask("abc"), **GREEDY).choices[0].message.content
     if len(free) < 3:
@@ -120,6 +197,7 @@ def test_stop_string_and_extra_sampling_fields(client):
     ({"messages": ask("hi"), "max_tokens": 0}, "max_tokens"),
     ({"messages": ask("hi"), "n": 2}, "n"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": ask("hi"), "extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),
 ])
 def test_bad_requests_get_openai_style_400(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -206,6 +284,7 @@ def test_serve_command_binds_localhost_and_answers(tiny_model_dir):
 def test_a_client_that_leaves_frees_the_worker(loaded):
     """A non-streaming request whose client disconnects stops generating (or never starts)."""
     import asyncio
+    import dataclasses
 
     from lorafit.infer.serve import complete_unless_client_leaves
 
@@ -217,29 +296,28 @@ def test_a_client_that_leaves_frees_the_worker(loaded):
             self.polls -= 1
             return self.polls < 0
 
-    import dataclasses
-
     # No stop tokens: only the departure of the client can end the answer before the context is full.
-    engine = Engine(dataclasses.replace(loaded, stop_token_ids=[]), GenerationOptions(max_new_tokens=16))
+    served = ServedModel(dataclasses.replace(loaded, stop_token_ids=[]), GenerationOptions(max_new_tokens=16),
+                         max_batch_size=1)
     prompt = render_prompt(loaded.tokenizer, ask("hello"))
     options = GenerationOptions(temperature=0, max_new_tokens=10_000)
-    blocker = threading.Event()
-    engine.worker.submit(blocker.wait)  # the worker is busy: the request waits in the queue
+    blocker = served.submit(prompt, options)  # fills the batch: the next request waits for room
 
     async def scenario():
         pending = asyncio.ensure_future(
-            complete_unless_client_leaves(engine, LeavingRequest(0), prompt, options, poll_seconds=0.01))
+            complete_unless_client_leaves(served, LeavingRequest(0), prompt, options, poll_seconds=0.01))
         await asyncio.sleep(0.1)  # the client is gone by now
-        blocker.set()
+        blocker.cancel()
         return await pending
 
     assert asyncio.run(scenario()) is None  # its turn came after it left: nothing was generated
+    assert blocker.done.result().finish_reason == "cancelled"
 
     async def leaves_during_generation():
-        return await complete_unless_client_leaves(engine, LeavingRequest(3), prompt, options, poll_seconds=0.01)
+        return await complete_unless_client_leaves(served, LeavingRequest(3), prompt, options, poll_seconds=0.01)
 
     started = time.perf_counter()
     completion = asyncio.run(leaves_during_generation())
     assert completion is not None and completion.finish_reason == "cancelled"
     assert len(completion.token_ids) < 400 and time.perf_counter() - started < 30
-    engine.worker.shutdown()
+    served.close()

@@ -3,7 +3,8 @@
 Every problem with a request becomes an `APIError` with the status and the error body OpenAI
 clients expect (`{"error": {"message", "type", "param", "code"}}`), naming the offending field.
 Besides the OpenAI fields we accept `top_k` and `repetition_penalty` (as vLLM does; the `openai`
-client sends them through `extra_body`).
+client sends them through `extra_body`), and, for benchmarks, vLLM's `ignore_eos` (the answer runs
+on past end-of-turn tokens to `max_tokens`, so every answer has the same length).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from lorafit.infer.generate import Completion
+from lorafit.infer.engine import Completion
 from lorafit.infer.options import GenerationOptions
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -40,6 +41,7 @@ class ChatRequest:
     options: GenerationOptions
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # benchmark-only extension: do not stop at end-of-turn tokens
 
 
 def parse_chat_request(body, defaults: GenerationOptions, served_model: str) -> ChatRequest:
@@ -60,7 +62,8 @@ def parse_chat_request(body, defaults: GenerationOptions, served_model: str) -> 
         raise bad_request("stream_options must be an object", param="stream_options")
     include_usage = _optional(stream_options, "include_usage", bool, False, prefix="stream_options.")
     options = _parse_options(body, defaults)
-    return ChatRequest(model, messages, options, stream, include_usage and stream)
+    ignore_eos = _optional(body, "ignore_eos", bool, False)
+    return ChatRequest(model, messages, options, stream, include_usage and stream, ignore_eos)
 
 
 def _parse_messages(messages) -> list[dict]:

@@ -8,10 +8,11 @@ Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (with `"stream": true`:
 events, as the OpenAI API sends them), `GET /health`. Prompts render through the training
 template (`lorafit.data.render.render_prompt`).
 
-One model, one worker thread: requests wait their turn in the worker's queue, so two answers are
-never interleaved and the model is never entered twice at once; the event loop stays free to
-accept, check and reject requests meanwhile. A streaming client that goes away stops its
-generation at the next token.
+Requests are answered together by continuous batching (`lorafit.infer.engine`): one engine thread
+owns the model and runs decode steps; a request joins the running batch between two steps (up to
+`--max_batch_size` rows) and leaves when it finishes, so a short answer never waits for a long one
+and the event loop stays free to accept, check and reject requests. A client that goes away
+(streaming or not) leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import logging
 import os
 import socket
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 
 # Module level, not inside create_app: FastAPI resolves the `Request` annotation by name.
 from fastapi import FastAPI, Request, Response
@@ -35,7 +35,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lorafit.errors import UserError
-from lorafit.infer.generate import Completion, context_length, generate
+from lorafit.infer.engine import (
+    DEFAULT_MAX_BATCH_SIZE,
+    BatchingEngine,
+    Completion,
+    GenerationRequest,
+    context_length,
+)
 from lorafit.infer.loading import LoadedModel, add_model_arguments, load_from_args
 from lorafit.infer.openai_api import (
     APIError,
@@ -56,14 +62,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 
-class Engine:
-    """The model behind a single worker thread: jobs run one at a time, in arrival order."""
+class ServedModel:
+    """The loaded model behind the server: renders prompts and hands them to the batching engine,
+    whose own thread runs decode steps until `close()`."""
 
-    def __init__(self, loaded: LoadedModel, defaults: GenerationOptions):
+    def __init__(self, loaded: LoadedModel, defaults: GenerationOptions, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         self.loaded = loaded
         self.defaults = defaults
         self.context_length = context_length(loaded.model)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-generate")
+        self.engine = BatchingEngine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.stop_token_ids,
+                                     pad_token_id=loaded.tokenizer.pad_token_id, max_batch_size=max_batch_size)
+        self.engine_thread = self.engine.start()
 
     def render(self, messages: list[dict]) -> list[int]:
         from lorafit.data.render import render_prompt
@@ -79,21 +88,23 @@ class Engine:
             )
         return ids
 
-    def complete(self, prompt: list[int], options: GenerationOptions, on_text=None) -> Completion:
-        (completion,) = generate(
-            self.loaded.model, [prompt], options, stop_token_ids=self.loaded.stop_token_ids,
-            pad_token_id=self.loaded.tokenizer.pad_token_id, tokenizer=self.loaded.tokenizer,
-            on_text=on_text,
-        )
-        return completion
+    def submit(self, prompt: list[int], options: GenerationOptions, on_text=None,
+               ignore_eos: bool = False) -> GenerationRequest:
+        return self.engine.submit(prompt, options, on_text=on_text, stop_token_ids=() if ignore_eos else None)
 
-    async def run(self, job):
-        return await asyncio.get_running_loop().run_in_executor(self.worker, job)
+    def close(self) -> None:
+        self.engine.close()
+        self.engine_thread.join(timeout=30)
 
 
-def create_app(engine: Engine, served_model: str, api_key: str | None = None,
+def create_app(served: ServedModel, served_model: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    app = FastAPI(title="lorafit", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        served.close()  # after uvicorn has let the open responses finish
+
+    app = FastAPI(title="lorafit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     started = int(time.time())
 
     @app.exception_handler(APIError)
@@ -134,14 +145,15 @@ def create_app(engine: Engine, served_model: str, api_key: str | None = None,
         check_key(request)
         body = await read_json(request, max_body_bytes)
         try:
-            chat = parse_chat_request(body, engine.defaults, served_model)
+            chat = parse_chat_request(body, served.defaults, served_model)
         except GenerationOptionsError as error:
             raise bad_request(str(error), param=error.option) from None
-        prompt = engine.render(chat.messages)
+        prompt = served.render(chat.messages)
         if chat.stream:
-            return StreamingResponse(stream_events(engine, prompt, chat), media_type="text/event-stream",
+            return StreamingResponse(stream_events(served, prompt, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        completion = await complete_unless_client_leaves(engine, request, prompt, chat.options)
+        completion = await complete_unless_client_leaves(served, request, prompt, chat.options,
+                                                         ignore_eos=chat.ignore_eos)
         if completion is None:  # the client left before its turn; nobody reads this answer
             return Response(status_code=499)
         return completion_response(new_completion_id(), chat.model, completion)
@@ -149,27 +161,22 @@ def create_app(engine: Engine, served_model: str, api_key: str | None = None,
     return app
 
 
-async def complete_unless_client_leaves(engine: Engine, request, prompt: list[int], options: GenerationOptions,
-                                        poll_seconds: float = 0.25) -> Completion | None:
-    """A non-streaming answer; a client that disconnects stops its generation at the next token (or
-    before it starts, while it waits in the queue), so the worker is not held by answers nobody reads."""
-    client_gone = threading.Event()
+async def complete_unless_client_leaves(served: ServedModel, request, prompt: list[int], options: GenerationOptions,
+                                        *, ignore_eos: bool = False, poll_seconds: float = 0.25) -> Completion | None:
+    """A non-streaming answer; a client that disconnects leaves the batch at the next step (or never
+    joins it, while it waits for room), so no step is spent on answers nobody reads."""
+    job = served.submit(prompt, options, ignore_eos=ignore_eos)
 
     async def watch() -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(poll_seconds)
-        client_gone.set()
-
-    def job() -> Completion | None:
-        if client_gone.is_set():
-            return None
-        return engine.complete(prompt, options, lambda _row, _text: not client_gone.is_set())
+        job.cancel()
 
     watcher = asyncio.create_task(watch())
     try:
-        return await engine.run(job)
+        return await asyncio.wrap_future(job.done)
     finally:
-        client_gone.set()
+        job.cancel()  # no-op once answered; otherwise this handler was cancelled: stop the row
         watcher.cancel()
 
 
@@ -192,50 +199,40 @@ async def read_json(request, limit: int):
         raise bad_request("We could not parse the JSON body of your request: it is nested too deeply") from None
 
 
-async def stream_events(engine: Engine, prompt: list[int], chat: ChatRequest):
+async def stream_events(served: ServedModel, prompt: list[int], chat: ChatRequest):
     """Server-sent events: a role chunk, content chunks as text is decoded, a finish chunk, [DONE]."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    client_gone = threading.Event()
 
-    def send(kind: str, value) -> None:
+    def send(kind: str, value) -> None:  # called from the engine's thread
         try:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop closed (server shutting down)
-            client_gone.set()
+            job.cancel()
 
-    def on_text(_row: int, text: str) -> bool:
-        send("text", text)
-        return not client_gone.is_set()  # False ends this generation
-
-    def job() -> None:
-        if client_gone.is_set():  # it left while waiting in the queue
-            return
-        try:
-            send("done", engine.complete(prompt, chat.options, on_text))
-        except Exception as error:  # reported in the stream; the HTTP status is already 200
-            logger.exception("generation failed")
-            send("error", error)
-
+    job = served.submit(prompt, chat.options, on_text=lambda text: send("text", text), ignore_eos=chat.ignore_eos)
+    job.done.add_done_callback(lambda done: send("done", done))
     completion_id = new_completion_id()
-    engine.worker.submit(job)
     try:
         yield sse(chunk(completion_id, chat.model, {"role": "assistant", "content": ""}))
         while True:
             kind, value = await events.get()
             if kind == "text":
                 yield sse(chunk(completion_id, chat.model, {"content": value}))
-            elif kind == "error":
-                yield sse(APIError(500, f"generation failed: {value}", type_="server_error").body())
-                break
-            else:
-                yield sse(chunk(completion_id, chat.model, finish=finish_reason(value)))
+                continue
+            error = value.exception()
+            if error is not None:  # reported in the stream; the HTTP status is already 200
+                logger.error("generation failed", exc_info=error)
+                yield sse(APIError(500, f"generation failed: {error}", type_="server_error").body())
+            elif value.result() is not None:
+                completion = value.result()
+                yield sse(chunk(completion_id, chat.model, finish=finish_reason(completion)))
                 if chat.include_usage:
-                    yield sse(chunk(completion_id, chat.model, usage_counts=usage(value)))
-                break
+                    yield sse(chunk(completion_id, chat.model, usage_counts=usage(completion)))
+            break
         yield "data: [DONE]\n\n"
     finally:
-        client_gone.set()
+        job.cancel()  # a client that went away leaves the batch at the next step
 
 
 def sse(payload: dict) -> str:
@@ -284,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "else the model's)")
     group.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                        help=f"largest request body accepted (default: {DEFAULT_MAX_BODY_BYTES})")
+    group.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                       help="the most requests decoded together; later ones join as answers finish "
+                            f"(continuous batching; default: {DEFAULT_MAX_BATCH_SIZE}; 1 answers one at a time)")
     group.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_generation_arguments(parser)
     return parser
@@ -296,13 +296,16 @@ def main(argv: list[str]) -> int:
     defaults = options_from_args(args)
     if args.max_body_bytes < 1024:
         raise UserError(f"--max_body_bytes must be at least 1024, got {args.max_body_bytes}")
+    if args.max_batch_size < 1:
+        raise UserError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
     if not is_loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can use the model",
               file=sys.stderr)
     sock = bind(args.host, args.port)
     loaded = load_from_args(args)
     served_model = args.served_model_name or loaded.name
-    app = create_app(Engine(loaded, defaults), served_model, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    served = ServedModel(loaded, defaults, max_batch_size=args.max_batch_size)
+    app = create_app(served, served_model, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     print(f"lorafit serve: model '{served_model}' at http://{shown_host}:{port}/v1"
