@@ -54,6 +54,23 @@ def test_generate_writes_input_plus_response(tiny_model_dir, tmp_path):
     assert [row["response"] for row in rows] == one_by_one(tiny_model_dir, RECORDS)
 
 
+def test_seeded_sampling_does_not_depend_on_batch_size_or_resume(tiny_model_dir, tmp_path):
+    """Record i samples with seed + i from its own generator, whatever rows run beside it."""
+    source = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    sampling = ["--temperature", "1.0", "--top_k", "0", "--top_p", "1.0", "--max_new_tokens", "6", "--seed", "5"]
+    runs = []
+    for batch_size, name in ((1, "one.jsonl"), (3, "three.jsonl")):
+        output = tmp_path / name
+        assert cli.main(["generate", "--model_name_or_path", tiny_model_dir, "--input", str(source),
+                         "--output", str(output), "--batch_size", str(batch_size), *sampling]) == 0
+        runs.append([row["response"] for row in read_jsonl(output)])
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_text(json.dumps({**RECORDS[0], "response": runs[0][0]}) + "\n", encoding="utf-8")
+    assert cli.main(["generate", "--model_name_or_path", tiny_model_dir, "--input", str(source),
+                     "--output", str(resumed), "--batch_size", "2", "--resume", *sampling]) == 0
+    assert runs[0] == runs[1] == [row["response"] for row in read_jsonl(resumed)]
+
+
 def test_resume_keeps_finished_lines_and_drops_a_half_line(tiny_model_dir, tmp_path):
     source, output = write_jsonl(tmp_path / "in.jsonl", RECORDS), tmp_path / "out.jsonl"
     output.write_text(json.dumps({**RECORDS[0], "response": "kept"}) + "\n" + '{"prompt": "And ano', encoding="utf-8")

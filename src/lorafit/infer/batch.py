@@ -2,8 +2,9 @@
 
 Input lines are `{"prompt": ..., "system"?: ..., "history"?: [[user, assistant], ...]}` (the
 training format) or `{"messages": [{"role", "content"}, ...]}`. Each output line is the input
-object plus `"response"`. Lines are written (and flushed) as soon as their batch is done, so a
-stopped run keeps everything it finished; `--resume` continues it.
+object plus `"response"`. Prompts are answered by continuous batching (`lorafit.infer.engine`), and
+a line is written (and flushed) as soon as it and every line before it are answered, so a stopped
+run keeps a whole prefix of the file; `--resume` continues it.
 
 Every record is checked before anything is generated (its shape before the model loads, its
 rendering and length right after); bad ones are listed as `path:line: reason`.
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.errors import UserError
-from lorafit.infer.generate import context_length, generate
+from lorafit.infer.engine import BatchingEngine, context_length
 from lorafit.infer.loading import LoadedModel, add_model_arguments, load_from_args
 from lorafit.infer.options import GenerationOptions, add_generation_arguments, options_from_args
 
 ROLES = ("system", "user", "assistant", "tool")
+SORT_WINDOW_BATCHES = 4  # prompts are sorted by length within windows of this many batches
 
 
 @dataclass
@@ -131,27 +133,38 @@ def completed_lines(output: Path) -> int:
 
 def answer_all(loaded: LoadedModel, records: list[PromptRecord], options: GenerationOptions,
                batch_size: int, output, progress=None, first_index: int = 0) -> int:
-    """Generate and write the answers batch by batch; returns how many were written.
+    """Generate the answers with the batching engine and write them in input order; returns how
+    many were written.
 
-    With a seed, the batch starting at record i samples with seed + i (i counted from the start of
-    the file, `first_index` for a resumed run), so a resumed run draws what the whole run would."""
+    Up to `batch_size` prompts decode together; a finished one makes room for the next at once.
+    Within each window of `SORT_WINDOW_BATCHES * batch_size` records, prompts join in order of
+    length, so those prefilled together need little padding; an answer is written as soon as every
+    line before it is, so a stopped run keeps a whole prefix of the file. With a seed, record i
+    (counted from the start of the file, `first_index` for a resumed run) samples with seed + i,
+    so its answer depends neither on its neighbours nor on where a run was resumed."""
     if any(item.prompt_ids is None for item in records):
         records, _ = render_prompts(loaded, records)
+    engine = BatchingEngine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.stop_token_ids,
+                            pad_token_id=loaded.tokenizer.pad_token_id, max_batch_size=batch_size)
+    requests = [None] * len(records)
+    window = SORT_WINDOW_BATCHES * batch_size
+    for start in range(0, len(records), window):
+        for index in sorted(range(start, min(start + window, len(records))), key=lambda i: len(records[i].prompt_ids)):
+            seed = None if options.seed is None else (options.seed + first_index + index) % 2**64
+            requests[index] = engine.submit(records[index].prompt_ids, options.updated(seed=seed))
     written = 0
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
-        prompts = [item.prompt_ids for item in batch]
-        batch_options = options if options.seed is None else options.updated(seed=(options.seed + first_index + start) % 2**64)
-        completions = generate(
-            loaded.model, prompts, batch_options, stop_token_ids=loaded.stop_token_ids,
-            pad_token_id=loaded.tokenizer.pad_token_id, tokenizer=loaded.tokenizer,
-        )
-        for item, completion in zip(batch, completions):
-            output.write(json.dumps({**item.record, "response": completion.text}, ensure_ascii=False) + "\n")
-        output.flush()
-        written += len(batch)
-        if progress is not None:
-            progress.update(len(batch))
+    while written < len(records):
+        engine.step()
+        ready = written
+        while ready < len(records) and requests[ready].done.done():
+            completion = requests[ready].done.result()
+            output.write(json.dumps({**records[ready].record, "response": completion.text}, ensure_ascii=False) + "\n")
+            ready += 1
+        if ready > written:
+            output.flush()
+            if progress is not None:
+                progress.update(ready - written)
+            written = ready
     return written
 
 
@@ -163,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", required=True, type=Path, help="prompts, one JSON object per line")
     parser.add_argument("--output", required=True, type=Path, help="where to write the answers (JSON Lines)")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default: 8)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="the most prompts decoded together; a finished answer makes room for the next "
+                             "(continuous batching; default: 8)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a stopped run: keep the lines already in --output and answer the rest")
     parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
