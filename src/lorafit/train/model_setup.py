@@ -17,6 +17,7 @@ from lorafit.errors import UserError
 from lorafit.lora import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, share_inputs
 from lorafit.models import load_model
 from lorafit.train.args import LoraArguments, ModelArguments, split_module_list
+from lorafit.train.attention import use_training_attention
 from lorafit.train.trained_token_loss import use_trained_token_loss
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArgu
         # Done here once, with input embeddings requiring grad; the Trainer must not redo it
         # with different settings.
         training_args.activation_checkpointing = training_args.gradient_checkpointing = False
+    if model_args.attn_implementation in (None, "sdpa"):
+        use_training_attention(model)  # per-example attention for packed rows, no mask for right padding
     model = attach_adapter(model, lora_args)
     if model_args.trained_token_loss and lora_args.lora_impl == "native" and not training_args.use_liger_kernel:
         if not use_trained_token_loss(model):

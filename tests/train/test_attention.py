@@ -1,0 +1,112 @@
+"""`lorafit_sdpa`: packed rows per example, right-padded batches unmasked, the same numbers as stock sdpa."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lorafit
+from lorafit.data.collate import PackingCollator, PaddingCollator
+from lorafit.train import attention
+from lorafit.train.attention import NAME, segment_bounds, use_training_attention
+from lorafit.train.trained_token_loss import use_trained_token_loss
+from model_builders import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
+
+LENGTHS = (5, 9, 3, 12)
+
+
+def examples():
+    generator = torch.Generator().manual_seed(0)
+    features = []
+    for length in LENGTHS:
+        ids = torch.randint(0, 128, (length,), generator=generator).tolist()
+        features.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})  # a 2-token "prompt"
+    return features
+
+
+def adapted(builder):
+    model = builder()
+    model.config._attn_implementation = "sdpa"
+    model.config.use_cache = False
+    lorafit.add_lora(model, lorafit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                               lora_dropout=0.0))
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_qwen2, build_tiny_gpt2])
+@pytest.mark.parametrize("collator", [PackingCollator(0), PaddingCollator(0)], ids=["packed", "padded"])
+def test_same_loss_and_gradients_as_stock_sdpa(builder, collator):
+    model = adapted(builder)
+    batch = collator(examples())
+    expected_loss, expected_grads = loss_and_grads(model, batch)
+    assert use_training_attention(model) and model.config._attn_implementation == NAME
+    loss, grads = loss_and_grads(model, batch)
+    assert abs(loss - expected_loss) <= 1e-5
+    for grad, expected in zip(grads, expected_grads):
+        assert ((grad - expected).norm() / expected.norm()) <= 1e-5
+
+
+def test_packed_loss_is_the_loss_of_the_examples_run_alone():
+    model = adapted(build_tiny_llama)
+    use_training_attention(model)
+    use_trained_token_loss(model)
+    packed = model(**PackingCollator(0)(examples())).loss
+    total, count = 0.0, 0
+    for example in examples():
+        alone = PaddingCollator(0)([example])
+        trained = int((alone["labels"][0, 1:] != -100).sum())
+        total += model(**alone).loss.item() * trained
+        count += trained
+    assert abs(packed.item() - total / count) <= 1e-5
+
+
+def test_the_fast_kernels_are_the_ones_used(monkeypatch):
+    """Packed: one unmasked causal call per example; right-padded: unmasked causal calls, no mask."""
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((query.shape[2], attn_mask is None, is_causal))
+        return original(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    model = adapted(build_tiny_llama)
+    use_training_attention(model)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(**PackingCollator(0)(examples()))
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == sorted([(length, True, True) for length in LENGTHS] * layers)
+    calls.clear()
+    with torch.no_grad():
+        model(**PaddingCollator(0)(examples()))
+    assert calls == [(max(LENGTHS), True, True)] * layers
+
+
+def test_left_padding_and_caches_keep_the_mask():
+    model = adapted(build_tiny_llama)
+    ids = torch.randint(0, 128, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        use_training_attention(model)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0, 2:], expected[0, 2:])
+    torch.testing.assert_close(got[1], expected[1])
+
+
+def test_segment_bounds_and_models_that_keep_their_attention():
+    assert segment_bounds(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [(0, 3), (3, 5), (5, 9)]
+    assert segment_bounds(torch.tensor([[4, 5, 6]])) == [(0, 3)]
+    model = build_tiny_llama()
+    model.config._attn_implementation = "eager"
+    assert not use_training_attention(model)  # an explicit other choice is left alone
+    windowed = build_tiny_qwen2(use_sliding_window=True, sliding_window=4)
+    windowed.config._attn_implementation = "sdpa"
+    assert not use_training_attention(windowed)
