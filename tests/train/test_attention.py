@@ -110,3 +110,20 @@ def test_segment_bounds_and_models_that_keep_their_attention():
     windowed = build_tiny_qwen2(use_sliding_window=True, sliding_window=4)
     windowed.config._attn_implementation = "sdpa"
     assert not use_training_attention(windowed)
+
+
+def test_padded_batches_are_unpadded_into_one_row_with_the_same_loss_and_gradients(monkeypatch):
+    model = adapted(build_tiny_llama)
+    use_trained_token_loss(model)
+    batch = PaddingCollator(0)(examples())
+    expected_loss, expected_grads = loss_and_grads(model, batch)  # stock sdpa, padded
+    use_training_attention(model)
+    rows = []
+    original = attention.unpad_to_packed_row
+    monkeypatch.setattr(attention, "unpad_to_packed_row", lambda *a: rows.append(original(*a)) or rows[-1])
+    loss, grads = loss_and_grads(model, batch)
+    assert rows[0][0].shape == (1, sum(LENGTHS))  # no padding left
+    assert rows[0][1].tolist() == [[p for length in LENGTHS for p in range(length)]]
+    assert abs(loss - expected_loss) <= 1e-5
+    for grad, expected in zip(grads, expected_grads):
+        assert ((grad - expected).norm() / expected.norm()) <= 1e-5

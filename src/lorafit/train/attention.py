@@ -13,6 +13,10 @@ Two batch layouts make the stock `sdpa` path pay for scores nobody uses:
   label -100), yet passing it forces SDPA off its memory-efficient kernel onto one that keeps
   `[batch x heads x seq x seq]` weights per layer. Such batches run plain causal SDPA.
 
+A model using this attention may also take a right-padded batch apart into one packed row before
+its forward pass (`unpad_to_packed_row`, used by `lorafit.train.trained_token_loss`): the same
+numbers, no work for padding at all.
+
 `training_sdpa_forward` is registered with transformers' `AttentionInterface` as ``lorafit_sdpa``
 (with a mask builder that knows the second case); anything else (left padding, a KV cache, sliding
 windows, a model that does not pass `position_ids` to its attention) gets the stock `sdpa`
@@ -62,6 +66,21 @@ def training_sdpa_forward(module, query, key, value, attention_mask, dropout: fl
         for start, end in bounds
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, row, heads, dim], as sdpa returns
+
+
+def unpad_to_packed_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, shift_labels: torch.Tensor):
+    """A right-padded batch as one packed row: (ids [1, n], position_ids [1, n], shift_labels [1, n]).
+
+    The same computation for every real token (each row becomes an example of the row, attending
+    to itself only, at the positions it had), with no work at all for padding. Labels must be
+    shifted before (within each row), so no example learns to predict the next one's first token.
+    None when the batch is not right-padded or has no padding to remove.
+    """
+    if attention_mask.dim() != 2 or bool(attention_mask.all()) or not is_right_padded(attention_mask):
+        return None
+    real = attention_mask.bool()
+    positions = torch.cumsum(real, dim=1) - 1
+    return input_ids[real][None], positions[real][None], shift_labels[real][None]
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

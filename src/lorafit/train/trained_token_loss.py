@@ -17,7 +17,9 @@ Trainer passes it, else by the count of trained tokens), but:
   `[tokens x vocab]` size is kept for it.
 
 It is exact (tests/train/test_trained_token_loss.py checks loss and gradients against the model's
-own loss), and `use_trained_token_loss(model)` switches a model to it for architectures whose head
+own loss), and `use_trained_token_loss(model)` switches a model to it (and, when the model uses
+lorafit's training attention, takes right-padded batches apart into one packed row first, so
+padding costs neither time nor memory: `lorafit.train.attention.unpad_to_packed_row`) for architectures whose head
 is a plain linear layer (no logit soft-capping or scaling, no auxiliary router loss); any other
 model keeps its own loss.
 """
@@ -31,6 +33,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lorafit.lora import ModulesToSave
+from lorafit.train import attention
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats, 64 MB in float32
@@ -83,6 +86,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    """Position i's label becomes the target of position i - 1 (the last position has none)."""
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
 def trained_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
                        num_items_in_batch=None, shift_labels: torch.Tensor | None = None,
                        chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
@@ -92,7 +100,7 @@ def trained_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch
     the stock loss's: by `num_items_in_batch` when given, else by the number of trained tokens.
     """
     if shift_labels is None:
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        shift_labels = shift(labels)
     shift_labels = shift_labels.to(hidden.device)
     trained = shift_labels != IGNORE_INDEX
     rows = hidden[trained]
@@ -144,9 +152,16 @@ def use_trained_token_loss(model) -> bool:
                             inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **kwargs)
         kwargs.pop("use_cache", None)
         kwargs.pop("return_dict", None)
+        if shift_labels is None:
+            shift_labels = shift(labels)
+        if (attention_mask is not None and input_ids is not None and position_ids is None
+                and self.config._attn_implementation == attention.NAME):
+            unpadded = attention.unpad_to_packed_row(input_ids, attention_mask, shift_labels)
+            if unpadded is not None:
+                (input_ids, position_ids, shift_labels), attention_mask = unpadded, None
         outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
-        loss = trained_token_loss(outputs.last_hidden_state, labels, head_weight(self),
+        loss = trained_token_loss(outputs.last_hidden_state, None, head_weight(self),
                                   num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
