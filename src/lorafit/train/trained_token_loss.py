@@ -36,7 +36,7 @@ from lorafit.lora import ModulesToSave
 from lorafit.train import attention
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats, 64 MB in float32
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4M floats, 16 MB in float32
 
 # Model types whose causal-LM forward is `lm_head(decoder(...).last_hidden_state)` + the standard
 # shifted cross-entropy. (Config flags that change the head are checked too, see `supports`.)
@@ -57,17 +57,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if needs_weight_grad else None
         total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
+        denominator = denominator.to(loss_dtype)
+        # One buffer for every chunk's logits: small enough (CHUNK_ELEMENTS) for the allocator to
+        # reuse rather than map fresh pages for each chunk.
+        buffer = torch.empty((min(chunk_rows, hidden.shape[0]), weight.shape[0]), dtype=loss_dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start:start + chunk_rows]
-            chunk_targets = targets[start:start + chunk_rows]
-            logits = (rows @ weight.T).to(loss_dtype)
-            log_normalizer = torch.logsumexp(logits, dim=-1)
-            total += (log_normalizer - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            chunk_targets = targets[start:start + chunk_rows, None]
+            logits = buffer[: rows.shape[0]]
+            if weight.dtype == loss_dtype:
+                torch.mm(rows.to(loss_dtype), weight.T, out=logits)
+            else:
+                logits.copy_(rows @ weight.T)
+            # loss = log(sum(exp(logits - max))) - (logit[target] - max), all passes in place
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
+            target_logits = logits.gather(1, chunk_targets)
+            sums = logits.exp_().sum(dim=-1, keepdim=True)
+            total += (sums.log() - target_logits).sum()
             if needs_hidden_grad or needs_weight_grad:
-                # d loss / d logits = (softmax - one_hot) / denominator, computed in place
-                grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
-                grad_logits[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1.0
-                grad_logits.div_(denominator.to(loss_dtype))
+                # d loss / d logits = (softmax - one_hot) / denominator
+                grad_logits = logits.div_(sums * denominator)
+                grad_logits.scatter_add_(1, chunk_targets, torch.full_like(target_logits, -1.0) / denominator)
                 if needs_hidden_grad:
                     grad_hidden[start:start + chunk_rows] = grad_logits.to(weight.dtype) @ weight
                 if needs_weight_grad:
