@@ -36,7 +36,11 @@ from lorafit.lora import ModulesToSave
 from lorafit.train import attention
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4M floats, 16 MB in float32
+# Logits per chunk: 32M floats (128 MB in float32), ~680 rows at a 49k vocabulary. Each chunk reads
+# the whole head weight twice (logits, gradient), so chunks of a few rows would be bound by
+# streaming the weight; ~700 rows keep the matmuls efficient at a tenth of the full logits' size.
+CHUNK_ELEMENTS = 1 << 25
+_buffers: dict[tuple, torch.Tensor] = {}  # one logits buffer per (device, dtype), reused across steps
 
 # Model types whose causal-LM forward is `lm_head(decoder(...).last_hidden_state)` + the standard
 # shifted cross-entropy. (Config flags that change the head are checked too, see `supports`.)
@@ -45,6 +49,15 @@ PLAIN_HEAD_MODEL_TYPES = {
     "olmo2", "gpt2", "smollm3", "starcoder2", "stablelm", "gpt_neox",
 }
 HEAD_CHANGING_FLAGS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
+
+
+def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A [rows x vocab] buffer for every chunk of every step: no fresh pages to map at each call."""
+    key = (torch.device(device), dtype)
+    buffer = _buffers.get(key)
+    if buffer is None or buffer.numel() < rows * vocab:
+        buffer = _buffers[key] = torch.empty(rows * vocab, dtype=dtype, device=device)
+    return buffer[: rows * vocab].view(rows, vocab)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -58,9 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if needs_weight_grad else None
         total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
         denominator = denominator.to(loss_dtype)
-        # One buffer for every chunk's logits: small enough (CHUNK_ELEMENTS) for the allocator to
-        # reuse rather than map fresh pages for each chunk.
-        buffer = torch.empty((min(chunk_rows, hidden.shape[0]), weight.shape[0]), dtype=loss_dtype, device=hidden.device)
+        buffer = _logits_buffer(min(chunk_rows, hidden.shape[0]), weight.shape[0], loss_dtype, hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start:start + chunk_rows]
             chunk_targets = targets[start:start + chunk_rows, None]
