@@ -267,7 +267,9 @@ def is_loopback(host: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorafit serve",
-        description="OpenAI-compatible HTTP server: GET /v1/models, POST /v1/chat/completions (streaming too).",
+        description="OpenAI-compatible HTTP server: GET /v1/models, POST /v1/chat/completions (streaming too). "
+                    "Concurrent requests are decoded together (continuous batching, up to --max_batch_size); "
+                    "the generation flags are the defaults for fields a request leaves out.",
     )
     add_model_arguments(parser)
     group = parser.add_argument_group("server")
