@@ -5,7 +5,7 @@ inputs, torch's float32 `F.linear` on CPU calls MKL's sgemm, and oneDNN's inner-
 (`torch.ops.mkldnn._linear_pointwise`, what `torch.compile` uses on CPU) is faster: on the 2-core
 development CPU, the embedded model's linear layers take about 25% less time for 8 rows and 10%
 less for one (`bench/RESULTS.md`). Both compute the same products; only the order of the float32
-sums differs (differences around 1e-6 relative, checked in `tests/infer/test_cpu_linear.py`).
+sums differs, so outputs agree within float32 rounding (`tests/infer/test_cpu_linear.py`).
 
 Only exact `torch.nn.Linear` modules are switched (their class becomes `OneDNNLinear`, weights
 untouched), only under inference (oneDNN's op has no backward), and only when the op is there and
