@@ -52,7 +52,7 @@ def make_variant(kind: str, args, dtype, device):
         model.enable_input_require_grads()
         params = []
     elif kind == "lorafit":
-        lorafit.add_lora(model, lorafit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
+        lorafit.add_lora(model, lorafit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                                    target_modules="all-linear"))
         if not args.model_loss:
             use_trained_token_loss(model)
@@ -63,7 +63,7 @@ def make_variant(kind: str, args, dtype, device):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=2 * args.rank,
-                                                               lora_dropout=0.05, target_modules="all-linear"))
+                                                               lora_dropout=args.dropout, target_modules="all-linear"))
         params = [p for p in model.parameters() if p.requires_grad]
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) \
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of both LoRA variants")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--grad_ckpt", action="store_true")
@@ -141,7 +142,7 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ndevice: {device_name} | model: {args.model} | dtype: {args.dtype}{' +autocast' if autocast_dtype else ''} "
-          f"| batch {args.batch} x seq {args.seq} | rank {args.rank} all-linear | grad ckpt {args.grad_ckpt} "
+          f"| batch {args.batch} x seq {args.seq} | rank {args.rank} all-linear, dropout {args.dropout:g} | grad ckpt {args.grad_ckpt} "
           f"| lorafit loss: {'model' if args.model_loss else 'trained-token'} "
           f"| torch {torch.__version__} | commit {commit()}")
     floor = statistics.median(times["floor"]) if "floor" in times else None

@@ -128,3 +128,12 @@ def test_grouped_path_matches_real_peft(tiny_llama):
             ours_params[name.replace("base_model.model.", "").replace(".default", "")].data.copy_(param.data)
     reference.eval(), ours.eval()
     torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_layers_run_under_inference_mode(tiny_llama):
+    ids = torch.randint(0, 128, (2, 7))
+    lorafit.add_lora(tiny_llama, lorafit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        expected = tiny_llama(ids).logits
+    with torch.inference_mode():
+        torch.testing.assert_close(tiny_llama(ids).logits, expected)

@@ -87,6 +87,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype | 
         layer = LoraLinear(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                            scaling=config.scaling_for(r, alpha), init_lora_weights=config.init_lora_weights,
                            adapter_dtype=adapter_dtype)
+        layer.train(base.training)  # a model in eval mode stays in eval mode (no dropout)
         _set_submodule(model, name, layer)
     saved = find_modules_to_save(model, config.modules_to_save)
     for name in saved:

@@ -51,8 +51,8 @@ class SharedInputGroup:
         self._pending = 0  # members that have not yet taken their slice
 
     def _key_for(self, x: torch.Tensor, layer: nn.Module) -> tuple:
-        versions = tuple(member.lora_A.weight._version for member in self.members)
-        return (x._version, versions, torch.is_grad_enabled(), layer.training,
+        versions = tuple(_version(member.lora_A.weight) for member in self.members)
+        return (_version(x), versions, torch.is_grad_enabled(), layer.training,
                 torch.is_autocast_enabled(x.device.type))
 
     def low_rank_input(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,11 @@ class SharedInputGroup:
         h = F.linear(dropout.masked(x).to(dtype), a)
         self._slices = list(h.split([member.r for member in self.members], dim=-1))
         self._key, self._held, self._pending = key, x, len(self.members)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place modification counter; inference-mode tensors have none (and cannot be modified in place)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _groupable(members: list[nn.Module]) -> bool:
