@@ -69,7 +69,8 @@ def make_variant(kind: str, args, dtype, device):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) \
             if hasattr(model, "activation_checkpointing_enable") else model.gradient_checkpointing_enable()
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda") if params else None
+    # fused AdamW (CPU and CUDA), the Trainer's default optimizer (adamw_torch_fused) with torch >= 2.8
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     return model, optimizer
 
 
