@@ -187,5 +187,4 @@ def use_trained_token_loss(model) -> bool:
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     model.forward = types.MethodType(forward, model)
-    model.uses_trained_token_loss = True
     return True
