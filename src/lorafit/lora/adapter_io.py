@@ -3,20 +3,27 @@
 Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and
 `base_model.model.<module path>.<param>` for modules trained in full (PEFT drops the
 `modules_to_save.default` part of the in-memory name). The config
-holds only keys PEFT has understood since 0.6, so old and new PEFT releases load our files; when
-reading, keys we do not know are ignored with a warning, and keys that would change the maths if
-ignored (DoRA, layer selection, LoRA on embeddings...) are refused. A load is all or nothing:
-every tensor must find its place, and every adapted module must get its tensors.
+holds only keys PEFT has understood since 0.6, so old and new PEFT releases load our files. When
+reading, keys that would change the maths if ignored (DoRA, layer selection, LoRA on embeddings...)
+are refused; keys that cannot change a loaded adapter's outputs (initialisation recipes: the
+weights come from the file) and unknown keys left at an empty value are ignored in silence, so the
+warning about the rest fires only when it means something. A load is all or nothing: every tensor
+must find its place, and every adapted module must get its tensors.
+
+Tensors are read from safetensors first. A pickle file (`adapter_model.bin`) is read only with
+`torch.load(weights_only=True)`; a payload that refuses is a one-line error naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,10 +44,18 @@ READ_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modul
              "use_rslora", "init_lora_weights", "fan_in_fan_out", "bias", "rank_pattern", "alpha_pattern"}
 IGNORED_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "revision",
                 "auto_mapping", "peft_version"}
+# Keys recent PEFT writes that cannot change the outputs of a loaded adapter: how its weights were
+# initialised (they come from the file), how PEFT places them at run time, and options of features
+# that are off.
+INERT_KEYS = {"loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+              "megatron_core", "qalora_group_size"}
 # Features that would silently change the result if ignored: (key, value meaning "not used").
 UNSUPPORTED = {"use_dora": (False, None), "layers_to_transform": (None, [],), "layers_pattern": (None, [], ""),
                "lora_bias": (False, None), "target_parameters": (None, []), "trainable_token_indices": (None, {}),
-               "use_qalora": (False, None), "alora_invocation_tokens": (None,), "megatron_config": (None,)}
+               "use_qalora": (False, None), "alora_invocation_tokens": (None,), "megatron_config": (None,),
+               "layer_replication": (None, []), "use_bdlora": (None, False, {}), "arrow_config": (None, {}),
+               "kasa_config": (None, {})}
+EMPTY_VALUES = (None, False, "", [], {})
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,11 +145,18 @@ def _refuse_unsupported(raw: dict, source: Path) -> None:
                             "(loading it without that feature would give different outputs)")
 
 
+def _is_empty(value) -> bool:
+    """None, False, "", [] or {}: how PEFT writes a feature that is off (0 is a value, not 'off')."""
+    return any(value == empty and type(value) is type(empty) for empty in EMPTY_VALUES)
+
+
 def config_from_file(raw: dict, source: Path) -> LoraConfig:
     _refuse_unsupported(raw, source)
-    unknown = sorted(set(raw) - READ_KEYS - IGNORED_KEYS - set(UNSUPPORTED))
-    if unknown:
-        logger.warning("%s: ignoring adapter config keys lorafit does not use: %s", source, ", ".join(unknown))
+    unknown = sorted(key for key in set(raw) - READ_KEYS - IGNORED_KEYS - INERT_KEYS - set(UNSUPPORTED)
+                     if not _is_empty(raw[key]))
+    if unknown:  # a key switched on that lorafit does not know: it may change the outputs
+        logger.warning("%s: ignoring adapter config keys lorafit does not know, set to: %s", source,
+                       ", ".join(f"{key}={raw[key]!r}" for key in unknown))
     kwargs = {k: raw[k] for k in READ_KEYS if k in raw and raw[k] is not None}
     kwargs["init_lora_weights"] = True  # weights come from the file; the init method is irrelevant
     try:
@@ -144,11 +166,38 @@ def config_from_file(raw: dict, source: Path) -> LoraConfig:
 
 
 def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if (path / WEIGHTS_NAME).is_file():
-        return load_file(str(path / WEIGHTS_NAME))
-    if (path / LEGACY_WEIGHTS_NAME).is_file():
-        return torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    """The adapter's tensors: safetensors when present, else the pickle file read with weights_only."""
+    safetensors_file, pickle_file = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    if safetensors_file.is_file():
+        try:
+            return load_file(str(safetensors_file))
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{safetensors_file}: not a readable safetensors file ({_first_line(error)}); "
+                            "the save was probably cut short: save the adapter again") from None
+    if pickle_file.is_file():
+        return _load_pickle_tensors(pickle_file)
     raise UserError(f"{path}: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in the adapter folder")
+
+
+def _load_pickle_tensors(file: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True unpickles tensors and plain containers only, so a payload that would run code
+    # is refused, with a long message about torch internals; the user needs what to do instead.
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{file}: refused: the pickle file holds more than tensors (it could run code when "
+                        f"loaded); use an adapter saved as {WEIGHTS_NAME}, or, if you trust its source, "
+                        f"convert it to {WEIGHTS_NAME}") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise UserError(f"{file}: not a readable PyTorch file ({_first_line(error)})") from None
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(value) for value in tensors.values()):
+        raise UserError(f"{file}: expected a mapping of names to tensors, got {type(tensors).__name__}")
+    return tensors
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _describe(model: nn.Module) -> str:
