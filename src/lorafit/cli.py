@@ -2,15 +2,21 @@
 
 Each command lives in its own module with a ``main(argv) -> int`` function; this file only
 dispatches, so `lorafit --help` stays fast (nothing heavy is imported until a command runs).
-User mistakes (`UserError` and its kin) print one clear message and exit 2, never a traceback.
+User mistakes (`UserError` and its kin) print one clear message and exit 2, never a traceback;
+`--debug` (anywhere on the line) or `LORAFIT_DEBUG=1` prints the traceback too. A training run
+stopped before its end (`TrainingStopped`) prints how to resume and exits with its own code.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 
-from lorafit.errors import UserError
+from lorafit.errors import TrainingStopped, UserError
+
+DEBUG_FLAG = "--debug"
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -26,13 +32,30 @@ COMMANDS = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: lorafit <command> [arguments]   (lorafit <command> --help for its arguments)", "", "commands:"]
+    lines = ["usage: lorafit [--debug] <command> [arguments]   (lorafit <command> --help for its arguments)", "",
+             "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "--debug (or LORAFIT_DEBUG=1): show the traceback behind an error message"]
     return "\n".join(lines)
 
 
+def split_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove a bare `--debug` (one not followed by a value: `lorafit train --debug underflow_overflow`
+    is the Trainer's own flag and stays) and say whether debugging is on."""
+    kept, debug = [], os.environ.get("LORAFIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    while argv and argv[0] == DEBUG_FLAG:  # `lorafit --debug <command> ...`
+        argv, debug = argv[1:], True
+    for index, token in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if token == DEBUG_FLAG and (following is None or following.startswith("-")):
+            debug = True
+        else:
+            kept.append(token)
+    return kept, debug
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug_flag(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -48,8 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(rest) or 0)
     except UserError as error:
+        if debug:
+            traceback.print_exc()
         print(f"lorafit {name}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        if debug:
+            traceback.print_exc()
+        print(f"lorafit {name}: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print(f"lorafit {name}: interrupted", file=sys.stderr)
         return 130

@@ -13,3 +13,12 @@ class AdapterMismatchError(UserError, ValueError):
 
 class TargetModulesError(UserError, ValueError):
     """`target_modules` matched nothing in the model."""
+
+
+class TrainingStopped(Exception):
+    """Training ended before its last step, on purpose (a signal, repeated non-finite steps): the
+    message says what happened and how to resume; the CLI prints it and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

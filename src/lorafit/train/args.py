@@ -184,6 +184,10 @@ class LorafitTrainingArguments(TrainingArguments):
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "count input tokens (all, non_padding, no): tokens/s in the logs"}
     )
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient norm "
+                                     "(each one's update is skipped); the last good checkpoint is kept"}
+    )
 
     def __post_init__(self):
         if self.warmup_ratio is not None:

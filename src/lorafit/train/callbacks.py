@@ -3,12 +3,18 @@
 Callbacks only read what the Trainer logs (`LorafitTrainer.log` adds tokens/s, trained tokens and
 perplexity); they never change training. Every file is written by the world's rank 0 only, so a
 multi-process run produces one report, not one per process.
+
+On a terminal the progress is a tqdm bar with one line per log above it. When stdout or stderr is
+not a terminal (a log file, CI, `nohup`, the web UI reading a run) there is no bar: a redrawn bar
+is carriage returns and cursor escapes in a file. Each log is then one plain line with an ETA.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -139,14 +145,40 @@ def progress_line(state, logs: dict) -> str | None:
     return f"step {state.global_step}/{state.max_steps}{epoch} | {line}"
 
 
+def output_is_terminal() -> bool:
+    """True when both stdout and stderr are terminals, the only place a redrawn progress bar belongs."""
+    return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
 class ReadableLogPrinter(TrainerCallback):
-    """Replaces the Trainer's PrinterCallback (used when tqdm is disabled): one line per log, rank 0."""
+    """Replaces the Trainer's PrinterCallback and, off a terminal, its tqdm bar: one plain line per
+    log (step, loss, lr, tokens/s, ETA), rank 0 only."""
+
+    def __init__(self):
+        self._start: tuple[float, int] | None = None  # (time, step) when this run's training began
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = (time.perf_counter(), state.global_step)
+
+    def eta(self, state) -> str | None:
+        if self._start is None or state.global_step <= self._start[1] or state.global_step >= state.max_steps:
+            return None
+        per_step = (time.perf_counter() - self._start[0]) / (state.global_step - self._start[1])
+        return format_duration(per_step * (state.max_steps - state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             line = progress_line(state, logs)
+            eta = self.eta(state) if "loss" in logs else None
             if line:
-                print(line, flush=True)
+                print(line + (f" | ETA {eta}" if eta else ""), flush=True)
 
 
 class ReadableProgressCallback(ProgressCallback):

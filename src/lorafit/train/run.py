@@ -15,18 +15,25 @@ adapter, train with `LorafitTrainer`, then write into `--output_dir`:
 
 Multi-process runs (torchrun, accelerate launch) go through the Trainer's own data parallelism;
 only the world's rank 0 writes files.
+
+A run that does not reach its last step says so and how to go on: SIGINT/SIGTERM save a checkpoint
+at the end of the current step (`graceful_stop`), repeated non-finite steps stop at the last good
+checkpoint (`LorafitTrainer`); both raise `TrainingStopped`, whose message is the resume command.
+Checkpoints and the final adapter are renamed into place when whole (`checkpoints`).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 import lorafit
-from lorafit.errors import UserError
+from lorafit.errors import TrainingStopped, UserError
 from lorafit.train.args import TrainConfig, parse_train_args
+from lorafit.train.checkpoints import checkpoint_problems, fresh_staging_folder, publish_files
 from lorafit.train.config_file import write_config_yaml
 
 logger = logging.getLogger("lorafit.train")
@@ -41,22 +48,74 @@ def checkpoints_in(output_dir: Path) -> list[Path]:
                   p.name.split("-")[-1].isdigit() else -1)
 
 
+def _expects_optimizer(training) -> bool:
+    return not training.save_only_model and not training.deepspeed  # DeepSpeed keeps its own layout
+
+
 def resolve_resume(config: TrainConfig) -> str | None:
-    """`--resume_from_checkpoint auto` -> the newest checkpoint of output_dir (or a fresh start)."""
+    """`--resume_from_checkpoint auto` -> the newest whole checkpoint of output_dir (or a fresh start);
+    a checkpoint with a file missing or unreadable is skipped with a warning."""
     requested = config.training.resume_from_checkpoint
     if requested in (None, "", "false", "False"):
         return None
     output_dir = Path(config.training.output_dir)
+    expect_optimizer = _expects_optimizer(config.training)
     if requested in ("auto", "true", "True", "latest"):
-        found = [p for p in checkpoints_in(output_dir) if (p / "trainer_state.json").is_file()]
-        if not found:
-            logger.warning("--resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", output_dir)
-            return None
-        return str(found[-1])
+        for checkpoint in reversed(checkpoints_in(output_dir)):
+            problems = checkpoint_problems(checkpoint, expect_optimizer)
+            if not problems:
+                return str(checkpoint)
+            logger.warning("--resume_from_checkpoint auto: skipping %s (%s)", checkpoint, "; ".join(problems))
+        logger.warning("--resume_from_checkpoint auto: no complete checkpoint in %s, starting from scratch",
+                       output_dir)
+        return None
     path = Path(requested)
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"--resume_from_checkpoint {requested}: not a checkpoint folder (no trainer_state.json)")
+    problems = checkpoint_problems(path, expect_optimizer)
+    if problems:
+        raise UserError(f"--resume_from_checkpoint {requested}: incomplete checkpoint ({'; '.join(problems)}); "
+                        "pass an earlier one, or auto to pick the newest complete one")
     return str(path)
+
+
+def resume_command(argv: list[str], checkpoint: Path | None) -> str:
+    """The command line that continues this run: the same arguments, resuming from `checkpoint`."""
+    kept, skip_value = [], False
+    for token in argv:
+        if skip_value:
+            skip_value = False
+        elif token == "--resume_from_checkpoint":
+            skip_value = True
+        elif not token.startswith("--resume_from_checkpoint="):
+            kept.append(token)
+    return shlex.join(["lorafit", "train", *kept, "--resume_from_checkpoint",
+                       str(checkpoint) if checkpoint is not None else "auto"])
+
+
+def latest_checkpoint(output_dir: Path, training) -> Path | None:
+    complete = [p for p in checkpoints_in(output_dir) if not checkpoint_problems(p, _expects_optimizer(training))]
+    return complete[-1] if complete else None
+
+
+def stopped_early(trainer, stop, argv: list[str], output_dir: Path) -> TrainingStopped | None:
+    """The TrainingStopped to raise when training ended before its last step, else None."""
+    from lorafit.train.graceful_stop import exit_code, signal_name
+
+    state = trainer.state
+    if stop.received is None and trainer.nonfinite_stop is None:
+        return None
+    if stop.received is not None and state.global_step >= state.max_steps:
+        return None  # the signal came after the last step: the run is complete, finish writing it
+    checkpoint = latest_checkpoint(output_dir, trainer.args)
+    where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (none was complete)"
+    resume = f"; resume with: {resume_command(argv, checkpoint)}" if checkpoint else ""
+    if trainer.nonfinite_stop is not None:
+        return TrainingStopped(f"stopped at step {state.global_step}/{state.max_steps}: {trainer.nonfinite_stop}. "
+                               f"The last good state is {where}. Lower --learning_rate or check the data "
+                               f"before resuming{resume}", exit_code=1)
+    return TrainingStopped(f"stopped by {signal_name(stop.received)} after step {state.global_step}/"
+                           f"{state.max_steps}; saved {where}{resume}", exit_code=exit_code(stop.received))
 
 
 def check_output_dir(config: TrainConfig, resume: str | None, is_main: bool) -> None:
@@ -81,6 +140,8 @@ def check_output_dir(config: TrainConfig, resume: str | None, is_main: bool) -> 
 
 
 def setup_logging(training_args) -> None:
+    from lorafit.train.callbacks import output_is_terminal
+
     level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=level, stream=sys.stdout)
@@ -90,6 +151,14 @@ def setup_logging(training_args) -> None:
 
     transformers.utils.logging.set_verbosity_warning()  # the Trainer's info lines repeat ours
     datasets.utils.logging.set_verbosity_warning()
+    if not output_is_terminal():
+        # A log file cannot hold a redrawn bar: its carriage returns and cursor moves become noise.
+        # Training reports one plain line per log instead (callbacks.ReadableLogPrinter).
+        import huggingface_hub
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def prepare_tokenizer(config: TrainConfig, model_path: str):
@@ -105,20 +174,41 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: s
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from lorafit.data.collate import build_collator
-    from lorafit.train.callbacks import MetricsReportCallback, ReadableLogPrinter, ReadableProgressCallback
+    from lorafit.train.callbacks import (MetricsReportCallback, ReadableLogPrinter, ReadableProgressCallback,
+                                         output_is_terminal)
+    from lorafit.train.graceful_stop import GracefulStopCallback
     from lorafit.train.trainer import LorafitTrainer
 
     trainer = LorafitTrainer(
         model=model, args=config.training, train_dataset=prepared.train, eval_dataset=prepared.eval,
         data_collator=build_collator(config.data, tokenizer), processing_class=tokenizer,
-        callbacks=[MetricsReportCallback(config.training.output_dir, title=f"{config.model.model_name_or_path}")],
+        callbacks=[MetricsReportCallback(config.training.output_dir, title=f"{config.model.model_name_or_path}"),
+                   GracefulStopCallback()],
         base_model_name_or_path=model_path,
     )
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(ReadableProgressCallback())
+    if trainer.pop_callback(ProgressCallback) is not None:  # tqdm bars on a terminal, plain lines elsewhere
+        trainer.add_callback(ReadableProgressCallback() if output_is_terminal() else ReadableLogPrinter())
     if trainer.pop_callback(PrinterCallback) is not None:  # --disable_tqdm
         trainer.add_callback(ReadableLogPrinter())
     return trainer
+
+
+def graceful_stop_of(trainer):
+    from lorafit.train.graceful_stop import GracefulStopCallback
+
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStopCallback))
+
+
+def save_final_outputs(trainer, output_dir: Path) -> None:
+    """The adapter (or full model) and tokenizer, written into staging and moved into place."""
+    from lorafit.train.checkpoints import STAGING_DIR
+
+    staged = output_dir / STAGING_DIR / "final"
+    if trainer.args.should_save:
+        fresh_staging_folder(output_dir, "final")
+    trainer.save_model(str(staged))  # every process takes part (sharded models gather); rank 0 writes
+    if trainer.args.should_save:
+        publish_files(staged, output_dir)
 
 
 def evaluated_at_last_step(state) -> bool:
@@ -131,8 +221,11 @@ def describe_trainable(model) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     config = parse_train_args(argv)
     training = config.training
+    if training.max_nonfinite_steps < 1:
+        raise UserError(f"--max_nonfinite_steps must be at least 1, got {training.max_nonfinite_steps}")
     setup_logging(training)
     resume = resolve_resume(config)
     check_output_dir(config, resume, training.should_save)
@@ -168,11 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(model_path, config.model, config.lora, training)
     logger.info("%s", describe_trainable(model))
     trainer = build_trainer(config, model, tokenizer, prepared, model_path)
-    result = trainer.train(resume_from_checkpoint=resume)
+    stop = graceful_stop_of(trainer)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore_handlers()
+    stopped = stopped_early(trainer, stop, argv, output_dir)
+    if stopped is not None:
+        if not training.should_log:
+            return stopped.exit_code  # one process tells the user
+        raise stopped
     if prepared.eval is not None and not evaluated_at_last_step(trainer.state):
         trainer.evaluate()
 
-    trainer.save_model(str(output_dir))  # adapter (or full model) + tokenizer, rank 0 only
+    save_final_outputs(trainer, output_dir)
     if training.should_save:
         plot_loss(read_metrics(output_dir / METRICS_FILE), output_dir / LOSS_PLOT_FILE,
                   title=config.model.model_name_or_path)  # again: the final evaluation came after training

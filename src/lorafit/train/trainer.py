@@ -15,6 +15,10 @@ What we change:
   resume or `load_best_model_at_end` copies the adapter tensors back into the live layers.
 * the logs gain `tokens_per_second` (input tokens, all processes), `trained_tokens` (cumulative
   label tokens) and `eval_perplexity`.
+* checkpoints are written into `<output_dir>/.incomplete/` and renamed into place when whole
+  (`lorafit.train.checkpoints`), so a killed run never leaves a half-written `checkpoint-N`.
+* a step whose loss or gradient norm is not finite changes no weight (its update is skipped); after
+  `--max_nonfinite_steps` such steps in a row training stops, and `nonfinite_stop` says why.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lorafit.errors import UserError
 from lorafit.lora import save_adapter
 from lorafit.lora.adapter_io import PREFIX, WEIGHTS_NAME, adapter_state_dict, read_adapter_tensors
+from lorafit.train.checkpoints import TRAINER_STATE, fresh_staging_folder, publish_folder, staging_root
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +83,11 @@ class LorafitTrainer(Trainer):
         self.base_model_name_or_path = base_model_name_or_path
         self._trained_tokens: int | None = None  # cumulative, restored from the log history on resume
         self._last_log: tuple[float, int] | None = None  # (time, input tokens) at the previous training log
+        self._staging_dir: str | None = None  # set while a checkpoint is being written
+        self._step_loss_finite = True
+        self._update_skipped = False
+        self.nonfinite_streak: list[int] = []  # the steps of the current run of non-finite steps
+        self.nonfinite_stop: str | None = None  # why training stopped early on non-finite steps
 
     # --- adapter-only saving and loading -------------------------------------------------------
 
@@ -106,6 +117,84 @@ class LorafitTrainer(Trainer):
         logger.info("loading the best adapter from %s (score %s)", self.state.best_model_checkpoint,
                     self.state.best_metric)
         load_adapter_weights(self.model, self.state.best_model_checkpoint)
+
+    # --- crash-safe checkpoints ------------------------------------------------------------------
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial=trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint, written into `<run>/.incomplete/checkpoint-N/` (the stock code asks
+        `_get_output_dir` where to write) and renamed into place once every process wrote its part."""
+        run_dir = Path(super()._get_output_dir(trial=trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = staging_root(run_dir) / name
+        if self.args.should_save:
+            fresh_staging_folder(run_dir, name)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = str(staged.parent)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # RNG states and optimizer shards come from every process
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best).parent == staged.parent:  # the stock code saw the staged path
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(staged / TRAINER_STATE))
+            publish_folder(staged, run_dir / name)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    # --- non-finite steps ------------------------------------------------------------------------
+
+    @property
+    def max_nonfinite_steps(self) -> int:
+        return getattr(self.args, "max_nonfinite_steps", 3)  # plain TrainingArguments lack the flag
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # A host sync per micro-batch, as the Trainer's own logging_nan_inf_filter check already makes.
+        self._step_loss_finite = self._step_loss_finite and bool(torch.isfinite(loss).all())
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Called between the last backward of a step and the optimizer step: the place to drop a
+        non-finite update. With no gradients, AdamW leaves every weight and moment as it was."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        norm = grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm
+        loss_ok, norm_ok = self._step_loss_finite, norm is None or math.isfinite(norm)
+        self._step_loss_finite = True
+        bad = not (loss_ok and norm_ok)
+        if self.args.world_size > 1:  # every process must take the same decision
+            flag = torch.tensor([float(bad)], device=self.args.device)
+            bad = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        self._update_skipped = bad
+        if not bad:
+            self.nonfinite_streak = []
+            return grad_norm
+        model.zero_grad(set_to_none=True)
+        step = self.state.global_step + 1
+        self.nonfinite_streak.append(step)
+        what = "loss" if not loss_ok else "gradient norm" if not norm_ok else "loss or gradient norm (another process)"
+        logger.warning("step %d: the %s is not finite; update skipped (%d in a row; the run stops at "
+                       "--max_nonfinite_steps %d)", step, what, len(self.nonfinite_streak), self.max_nonfinite_steps)
+        return grad_norm
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self._update_skipped:
+            # Every checkpoint on disk was taken right after a good update, so saving
+            # save_total_limit checkpoints during a fault never rotates the last good one away.
+            self.control.should_save = False
+            if len(self.nonfinite_streak) >= self.max_nonfinite_steps:
+                first, last = self.nonfinite_streak[0], self.nonfinite_streak[-1]
+                self.nonfinite_stop = (f"the loss or gradient norm was not finite at {len(self.nonfinite_streak)} "
+                                       f"steps in a row (steps {first}-{last}; --max_nonfinite_steps "
+                                       f"{self.max_nonfinite_steps})")
+                self.control.should_training_stop = True
+        super()._maybe_log_save_evaluate(*args, **kwargs)
 
     # --- token counts and richer logs ----------------------------------------------------------
 
