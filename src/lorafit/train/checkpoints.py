@@ -12,15 +12,31 @@ checked by `checkpoint_problems` before `--resume_from_checkpoint` uses them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from lorafit.errors import TrainingStopped
+
 STAGING_DIR = ".incomplete"
 TRAINER_STATE = "trainer_state.json"
 # Published last: their presence is what says "a run finished here" (see run.RUN_MARKERS).
 MARKER_FILES = ("adapter_config.json", "config.json")
+
+
+@contextlib.contextmanager
+def storage_errors(target: Path):
+    """A failed write (disk full, permission denied, ...) as one line naming the path; what was
+    already in place is untouched, since nothing is renamed before the write completes."""
+    try:
+        yield
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(target) else ""
+        raise TrainingStopped(f"could not write {target}: {error.strerror or error}{where}; the checkpoints "
+                              "already saved are untouched: fix the cause (free space, permissions) and rerun "
+                              "with --resume_from_checkpoint auto", exit_code=1) from error
 
 
 def staging_root(output_dir: str | Path) -> Path:

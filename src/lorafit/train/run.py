@@ -33,7 +33,7 @@ from pathlib import Path
 import lorafit
 from lorafit.errors import TrainingStopped, UserError
 from lorafit.train.args import TrainConfig, parse_train_args
-from lorafit.train.checkpoints import checkpoint_problems, fresh_staging_folder, publish_files
+from lorafit.train.checkpoints import checkpoint_problems, fresh_staging_folder, publish_files, storage_errors
 from lorafit.train.config_file import write_config_yaml
 
 logger = logging.getLogger("lorafit.train")
@@ -204,11 +204,12 @@ def save_final_outputs(trainer, output_dir: Path) -> None:
     from lorafit.train.checkpoints import STAGING_DIR
 
     staged = output_dir / STAGING_DIR / "final"
-    if trainer.args.should_save:
-        fresh_staging_folder(output_dir, "final")
-    trainer.save_model(str(staged))  # every process takes part (sharded models gather); rank 0 writes
-    if trainer.args.should_save:
-        publish_files(staged, output_dir)
+    with storage_errors(output_dir):
+        if trainer.args.should_save:
+            fresh_staging_folder(output_dir, "final")
+        trainer.save_model(str(staged))  # every process takes part (sharded models gather); rank 0 writes
+        if trainer.args.should_save:
+            publish_files(staged, output_dir)
 
 
 def evaluated_at_last_step(state) -> bool:

@@ -37,7 +37,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from lorafit.errors import UserError
 from lorafit.lora import save_adapter
 from lorafit.lora.adapter_io import PREFIX, WEIGHTS_NAME, adapter_state_dict, read_adapter_tensors
-from lorafit.train.checkpoints import TRAINER_STATE, fresh_staging_folder, publish_folder, staging_root
+from lorafit.train.checkpoints import (TRAINER_STATE, fresh_staging_folder, publish_folder, staging_root,
+                                      storage_errors)
 
 logger = logging.getLogger(__name__)
 
@@ -129,23 +130,24 @@ class LorafitTrainer(Trainer):
         run_dir = Path(super()._get_output_dir(trial=trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staged = staging_root(run_dir) / name
-        if self.args.should_save:
-            fresh_staging_folder(run_dir, name)
-        self.accelerator.wait_for_everyone()
-        self._staging_dir = str(staged.parent)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        self.accelerator.wait_for_everyone()  # RNG states and optimizer shards come from every process
-        if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best is not None and Path(best).parent == staged.parent:  # the stock code saw the staged path
-                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-                self.state.save_to_json(str(staged / TRAINER_STATE))
-            publish_folder(staged, run_dir / name)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        with storage_errors(run_dir / name):
+            if self.args.should_save:
+                fresh_staging_folder(run_dir, name)
+            self.accelerator.wait_for_everyone()
+            self._staging_dir = str(staged.parent)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_dir = None
+            self.accelerator.wait_for_everyone()  # RNG states and optimizer shards come from every process
+            if self.args.should_save:
+                best = self.state.best_model_checkpoint
+                if best is not None and Path(best).parent == staged.parent:  # the stock code saw the staged path
+                    self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                    self.state.save_to_json(str(staged / TRAINER_STATE))
+                publish_folder(staged, run_dir / name)
+                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
 
     # --- non-finite steps ------------------------------------------------------------------------
