@@ -90,20 +90,22 @@ def test_a_save_cut_short_leaves_no_checkpoint_and_resume_uses_the_one_before(
     assert not (output_dir / STAGING_DIR).exists()  # the next save cleared what the killed one left
 
 
-def test_sigkill_at_random_instants_never_leaves_a_partial_checkpoint(tmp_path, run_args):
+def test_sigkill_at_random_instants_leaves_whole_checkpoints_and_resume_is_exact(
+        tmp_path, run_args, reference_adapter):
     # A checkpoint every step, so most kills land in or near a save.
     rng = random.Random(12)
     for attempt in range(3):
         output_dir = tmp_path / f"run{attempt}"
-        argv = run_args(output_dir, "--max_steps", "400", "--save_strategy", "steps", "--save_steps", "1",
+        argv = run_args(output_dir, *EXACT_RESUME_ARGS, "--save_strategy", "steps", "--save_steps", "1",
                         "--save_total_limit", "2")
         process = subprocess.Popen(lorafit_command("train", *argv), stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True, env=subprocess_env())
         try:
+            after_step = rng.randint(1, 6)  # each step logs, then saves: the kill lands in a step or a save
             for line in process.stdout:
-                if line.startswith("step 2/"):
+                if line.startswith(f"step {after_step}/"):
                     break
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.1))
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=60)
         finally:
@@ -113,6 +115,8 @@ def test_sigkill_at_random_instants_never_leaves_a_partial_checkpoint(tmp_path, 
         for checkpoint in checkpoints:
             assert checkpoint_problems(checkpoint) == [], checkpoint
         assert run.resolve_resume(run_args_config(argv)) == str(max(checkpoints, key=step_of))
+        assert run.main([*argv, "--resume_from_checkpoint", "auto"]) == 0
+        assert_same_adapter(output_dir, reference_adapter)
 
 
 def step_of(path) -> int:

@@ -113,6 +113,24 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
+def rotate_checkpoints(run_dir: Path, save_total_limit: int | None, best: str | None) -> None:
+    """The Trainer's rotation (keep the newest `save_total_limit`, the newest and the best always),
+    except that a checkpoint is first renamed into staging and then deleted: a kill during the
+    deletion leaves files under `.incomplete/`, never a `checkpoint-N` with some of them gone."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    checkpoints = sort_checkpoints(str(run_dir), use_mtime=True)
+    protected = {checkpoints[-1]} | ({str(Path(best))} if best else set()) if checkpoints else set()
+    excess = len(checkpoints) - max(save_total_limit, len(protected))
+    for checkpoint in [c for c in checkpoints if c not in protected][:max(excess, 0)]:
+        doomed = fresh_staging_folder(run_dir, "deleted-" + Path(checkpoint).name)
+        os.replace(checkpoint, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    _remove_if_empty(staging_root(run_dir))
+
+
 def _readable_safetensors(path: Path) -> str | None:
     from safetensors import safe_open
 

@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorafit.errors import UserError
 from lorafit.lora import save_adapter
 from lorafit.lora.adapter_io import PREFIX, WEIGHTS_NAME, adapter_state_dict, read_adapter_tensors
-from lorafit.train.checkpoints import (TRAINER_STATE, fresh_staging_folder, publish_folder, staging_root,
-                                      storage_errors)
+from lorafit.train.checkpoints import (TRAINER_STATE, fresh_staging_folder, publish_folder, rotate_checkpoints,
+                                      staging_root, storage_errors)
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ class LorafitTrainer(Trainer):
                     self.state.best_model_checkpoint = str(run_dir / Path(best).name)
                     self.state.save_to_json(str(staged / TRAINER_STATE))
                 publish_folder(staged, run_dir / name)
-                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+                rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     # --- non-finite steps ------------------------------------------------------------------------
