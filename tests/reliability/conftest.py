@@ -14,7 +14,7 @@ import pytest
 
 from reliability_helpers import EXACT_RESUME_ARGS, REPO
 
-# The packaged identity data, filled in as the training tests do (one definition of it).
+# The packaged identity data and quick-run arguments, as the training tests have them (one definition).
 _spec = importlib.util.spec_from_file_location("train_conftest", REPO / "tests" / "train" / "conftest.py")
 _train_conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_train_conftest)
@@ -25,13 +25,7 @@ identity_files = _train_conftest.identity_files
 def run_args(tiny_model_dir, identity_files):
     """The argument list of a few-second run on the tiny model (as tests/train's quick_args)."""
     train, _ = identity_files
-
-    def build(output_dir, *extra: str) -> list[str]:
-        return ["--model_name_or_path", tiny_model_dir, "--train_file", str(train), "--output_dir", str(output_dir),
-                "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1",
-                "--save_strategy", "no", "--disable_tqdm", "true", *extra]
-
-    return build
+    return lambda output_dir, *extra: _train_conftest.quick_run_args(tiny_model_dir, train, output_dir, *extra)
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,11 @@ def identity_files(tmp_path_factory):
 def quick_args(tiny_model_dir, identity_files):
     """Arguments for a few-second run on the tiny model; add --output_dir and whatever is tested."""
     train, _ = identity_files
+    return lambda output_dir, *extra: quick_run_args(tiny_model_dir, train, output_dir, *extra)
 
-    def build(output_dir, *extra: str) -> list[str]:
-        return ["--model_name_or_path", tiny_model_dir, "--train_file", str(train), "--output_dir", str(output_dir),
-                "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1",
-                "--save_strategy", "no", "--disable_tqdm", "true", *extra]
 
-    return build
+def quick_run_args(model_dir, train_file, output_dir, *extra: str) -> list[str]:
+    """`lorafit train` arguments for a few-second run on the tiny model, plus `extra`."""
+    return ["--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(output_dir),
+            "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1",
+            "--save_strategy", "no", "--disable_tqdm", "true", *extra]
