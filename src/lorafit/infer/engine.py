@@ -18,6 +18,11 @@ products round alike, which `tests/infer/test_engine.py` checks on a tiny model 
 
 `lorafit serve` runs `run_forever` in one thread while request handlers `submit` from others;
 `generate` (and `lorafit generate`) submit their prompts and call `step` until they are answered.
+A server bounds what it holds: with `max_queued`, `submit` refuses (`QueueFullError`) a request
+that would make more than `max_batch_size + max_queued` unfinished ones, and a request given a
+`timeout` leaves at the first step after its deadline (waiting or running) with finish reason
+"timeout". Cancelled and expired requests leave the waiting queue at every step, so the room
+they held is free at once.
 Each row carries an `adapter_id`, so a later version can give rows of one batch different
 adapters (a per-row adapter index in the LoRA layers); today every row uses the loaded model.
 """
@@ -25,6 +30,7 @@ adapters (a per-row adapter index in the LoRA layers); today every row uses the 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -48,13 +54,22 @@ TextCallback = Callable[[str], "bool | None"]
 class Completion:
     text: str  # the answer, without stop tokens and cut before any stop string
     token_ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
-    finish_reason: str = "length"  # "stop" (stop token or string), "length" (max_new_tokens), "cancelled"
+    # "stop" (stop token or string), "length" (max_new_tokens or the context), "cancelled", "timeout"
+    finish_reason: str = "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens the model produced, stop token included (what was paid for)
 
 
 class PromptTooLongError(UserError):
     """The prompt leaves no room for an answer within the model's context length."""
+
+
+class QueueFullError(RuntimeError):
+    """`submit` found `max_batch_size` requests running and `max_queued` waiting: try again later."""
+
+    def __init__(self, unfinished: int, max_queued: int):
+        super().__init__(f"{unfinished} requests are unfinished ({max_queued} may wait for a batch row)")
+        self.unfinished, self.max_queued = unfinished, max_queued
 
 
 def context_length(model) -> int | None:
@@ -77,11 +92,15 @@ class GenerationRequest:
     on_text: TextCallback | None = None
     stop_token_ids: tuple[int, ...] = ()  # end of turn / EOS: the token ends the answer and is not part of it
     adapter_id: str | None = None  # which adapter answers this row; None: the loaded model (the only one today)
+    deadline: float | None = None  # time.monotonic() after which it leaves with finish_reason "timeout"
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: Future = field(default_factory=Future)
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 @dataclass(eq=False)
@@ -102,17 +121,24 @@ class BatchingEngine:
     """The scheduler and the batched decode step; see the module docstring."""
 
     def __init__(self, model, tokenizer=None, *, stop_token_ids=(), pad_token_id: int | None = None,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queued: int | None = None,
+                 max_model_len: int | None = None):
+        """`max_queued`: the most requests waiting beyond the running batch (None: no limit).
+        `max_model_len`: the context length to allow, at most the model's (None: the model's)."""
         if max_batch_size < 1:
             raise UserError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+        if max_queued is not None and max_queued < 0:
+            raise UserError(f"--max_queued_requests must be 0 or more, got {max_queued}")
         self.model = model
         self.tokenizer = tokenizer
         self.stop_token_ids = tuple(stop_token_ids)
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.stop_token_ids or (0,))[0]
         self.max_batch_size = max_batch_size
-        self.context_length = context_length(model)
+        self.max_queued = max_queued
+        self.context_length = _allowed_context(context_length(model), max_model_len)
         self._waiting: deque[GenerationRequest] = deque()
-        self._wake = threading.Condition()  # guards `_waiting` and `_closed`
+        self._wake = threading.Condition()  # an RLock inside: guards `_waiting`, `_unfinished`, `_closed`
+        self._unfinished = 0  # submitted requests whose `done` has not resolved (waiting + running)
         self._closed = False
         self._rows: list[_Row] = []  # the running batch, in DecodeBatch row order
         self._batch: DecodeBatch | None = None
@@ -122,9 +148,10 @@ class BatchingEngine:
 
     def submit(self, prompt: list[int], options: GenerationOptions, *, on_text: TextCallback | None = None,
                stop_token_ids: tuple[int, ...] | list[int] | None = None,
-               adapter_id: str | None = None) -> GenerationRequest:
+               adapter_id: str | None = None, timeout: float | None = None) -> GenerationRequest:
         """Queue one answer (thread-safe); it joins the batch at a coming step. `stop_token_ids`
-        None means the engine's (end of turn / EOS)."""
+        None means the engine's (end of turn / EOS). `timeout`: seconds from now after which it
+        leaves, finished or not. Raises `QueueFullError` when `max_queued` requests already wait."""
         if not prompt:
             raise UserError("every prompt needs at least one token")
         if options.stop and self.tokenizer is None:
@@ -135,13 +162,26 @@ class BatchingEngine:
             raise PromptTooLongError(f"the prompt has {len(prompt)} tokens but the model's context length is "
                                      f"{self.context_length}: shorten it")
         stops = self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
-        request = GenerationRequest(list(prompt), options, on_text, stops, adapter_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = GenerationRequest(list(prompt), options, on_text, stops, adapter_id, deadline)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
+            if self.max_queued is not None and self._unfinished >= self.max_batch_size + self.max_queued:
+                self._sweep_waiting(time.monotonic())  # rooms held by requests already cancelled
+                if self._unfinished >= self.max_batch_size + self.max_queued:
+                    raise QueueFullError(self._unfinished, self.max_queued)
+            self._unfinished += 1
+            request.done.add_done_callback(self._release)
             self._waiting.append(request)
             self._wake.notify()
         return request
+
+    @property
+    def unfinished(self) -> int:
+        """Requests submitted and not yet answered, waiting or running."""
+        with self._wake:
+            return self._unfinished
 
     @property
     def running(self) -> int:
@@ -154,8 +194,10 @@ class BatchingEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Rows that were cancelled leave, waiting requests join, then one decode step."""
+        """Rows that were cancelled (or ran out of time) leave, waiting requests join, then one decode step."""
         try:
+            with self._wake:
+                self._sweep_waiting(time.monotonic())
             self._leave_if_cancelled()
             self._admit()
             if self._rows:
@@ -196,10 +238,30 @@ class BatchingEngine:
 
     # --- the steps ---------------------------------------------------------------------------
 
+    def _release(self, _done: Future) -> None:  # a request's `done` resolved, in whichever thread
+        with self._wake:
+            self._unfinished -= 1
+
+    def _sweep_waiting(self, now: float) -> None:
+        """Settle waiting requests that were cancelled or ran out of time (call holding `_wake`)."""
+        if not any(r.cancelled.is_set() or r.expired(now) or r.done.cancelled() for r in self._waiting):
+            return
+        keep = deque()
+        for request in self._waiting:
+            if request.cancelled.is_set() or request.done.cancelled():
+                _resolve(request, None)  # it left before its turn: nothing was generated
+            elif request.expired(now):
+                _resolve(request, Completion(text="", prompt_tokens=len(request.prompt), finish_reason="timeout"))
+            else:
+                keep.append(request)
+        self._waiting = keep
+
     def _leave_if_cancelled(self) -> None:
+        now = time.monotonic()
         for row in self._rows:
-            if row.request.cancelled.is_set() and not row.finished:
-                row.completion.finish_reason = "cancelled"
+            reason = "cancelled" if row.request.cancelled.is_set() else "timeout" if row.request.expired(now) else None
+            if reason and not row.finished:
+                row.completion.finish_reason = reason
                 self._finish(row, flush=False)
         self._drop_finished()
 
@@ -337,6 +399,17 @@ class BatchingEngine:
             generator=None if options.greedy else make_generator(options.seed, device),
             seen=seen,
         )
+
+
+def _allowed_context(model_context: int | None, max_model_len: int | None) -> int | None:
+    if max_model_len is None:
+        return model_context
+    if max_model_len < 2:
+        raise UserError(f"--max_model_len must be at least 2 (one prompt token and one new one), got {max_model_len}")
+    if model_context is not None and max_model_len > model_context:
+        raise UserError(f"--max_model_len {max_model_len} is more than this model's context length "
+                        f"({model_context} tokens); leave it out or lower it")
+    return max_model_len
 
 
 def _resolve(request: GenerationRequest, value) -> None:
