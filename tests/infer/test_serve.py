@@ -17,6 +17,7 @@ from lorafit.data.render import render_prompt
 from lorafit.infer.loading import load_for_inference
 from lorafit.infer.options import GenerationOptions
 from lorafit.infer.serve import ServedModel, create_app
+from lorafit.infer.serve_limits import ServeLimits
 
 API_KEY = "test-key-123"
 MODEL = "tiny"
@@ -30,13 +31,14 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def served(loaded):
-    return ServedModel(loaded, GenerationOptions(max_new_tokens=16), max_batch_size=4)
+    return ServedModel(loaded, GenerationOptions(max_new_tokens=16), max_batch_size=4,
+                       limits=ServeLimits(max_body_bytes=4096))
 
 
 @pytest.fixture(scope="module")
 def server_url(served):
     """A real uvicorn server on a free port of 127.0.0.1, in a background thread."""
-    app = create_app(served, MODEL, api_key=API_KEY, max_body_bytes=4096)
+    app = create_app(served, MODEL, api_key=API_KEY)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)

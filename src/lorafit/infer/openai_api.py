@@ -5,26 +5,33 @@ clients expect (`{"error": {"message", "type", "param", "code"}}`), naming the o
 Besides the OpenAI fields we accept `top_k` and `repetition_penalty` (as vLLM does; the `openai`
 client sends them through `extra_body`), and, for benchmarks, vLLM's `ignore_eos` (the answer runs
 on past end-of-turn tokens to `max_tokens`, so every answer has the same length).
+
+Whatever a client sends, `decode_json_body` and `parse_chat_request` either return or raise an
+`APIError` with a 4xx status: `tests/reliability/test_server_requests.py` fuzzes both. Values
+quoted back in error messages are cut to `SHOWN_CHARS`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
 
 from lorafit.infer.engine import Completion
-from lorafit.infer.options import GenerationOptions
+from lorafit.infer.options import GenerationOptions, GenerationOptionsError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP_STRINGS = 4
+SHOWN_CHARS = 80
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -32,6 +39,43 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def shown(value) -> str:
+    """`repr(value)`, cut short: enough to recognise it, never a megabyte quoted back."""
+    text = json.dumps(value, ensure_ascii=True) if isinstance(value, (list, dict)) else repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+def queue_full(max_queued: int, retry_after: int) -> APIError:
+    return APIError(429, f"The server is busy: every batch row is taken and {max_queued} requests are already "
+                         f"waiting (--max_queued_requests). Retry after {retry_after} s.",
+                    code="queue_full", type_="rate_limit_error", headers={"Retry-After": str(retry_after)})
+
+
+def request_timed_out(seconds: float) -> APIError:
+    return APIError(504, f"The request did not finish within {seconds:g} s (--request_timeout) and was stopped; "
+                         "ask for fewer tokens (max_tokens) or try again when the server is less busy.",
+                    code="request_timeout", type_="timeout_error")
+
+
+def decode_json_body(raw: bytes):
+    """The request body as a JSON value: strict JSON (no NaN or Infinity), valid UTF-8, no lone
+    surrogate escapes (they cannot be tokenized or sent back), nested no deeper than Python parses."""
+    def refuse_constant(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(raw, parse_constant=refuse_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\\ud800") fails here
+    except RecursionError:
+        raise bad_request("We could not parse the JSON body of your request: it is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise bad_request("We could not parse the JSON body of your request: a string holds a lone "
+                          "surrogate escape (\\ud800-\\udfff), which is not text") from None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError, huge integers, NaN, bad bytes
+        raise bad_request(f"We could not parse the JSON body of your request: {str(error)[:200]}") from None
+    return body
 
 
 @dataclass
@@ -42,17 +86,21 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False  # benchmark-only extension: do not stop at end-of-turn tokens
+    max_tokens: int | None = None  # as the request asked (None: the server's default, cut to what fits)
+    max_tokens_param: str = "max_tokens"  # or "max_completion_tokens": the field it came in
 
 
-def parse_chat_request(body, defaults: GenerationOptions, served_model: str) -> ChatRequest:
-    """Check a decoded JSON body and turn it into messages and generation options."""
+def parse_chat_request(body, defaults: GenerationOptions, served_model: str,
+                       max_new_tokens_limit: int | None = None) -> ChatRequest:
+    """Check a decoded JSON body and turn it into messages and generation options; `max_tokens`
+    above `max_new_tokens_limit` is refused."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("you must provide a model parameter (a string)", param="model")
     if model != served_model:
-        raise APIError(404, f"The model `{model}` does not exist. This server serves `{served_model}`.",
+        raise APIError(404, f"The model {shown(model)} does not exist. This server serves `{served_model}`.",
                        param="model", code="model_not_found")
     messages = _parse_messages(body.get("messages"))
     _refuse_unsupported(body)
@@ -61,9 +109,29 @@ def parse_chat_request(body, defaults: GenerationOptions, served_model: str) -> 
     if not isinstance(stream_options, dict):
         raise bad_request("stream_options must be an object", param="stream_options")
     include_usage = _optional(stream_options, "include_usage", bool, False, prefix="stream_options.")
-    options = _parse_options(body, defaults)
+    max_tokens, param = _parse_max_tokens(body, max_new_tokens_limit)
+    try:
+        options = _parse_options(body, defaults).updated(max_new_tokens=max_tokens)
+    except GenerationOptionsError as error:  # a range only GenerationOptions knows (e.g. seed)
+        raise bad_request(str(error).removeprefix("--"), param=error.option) from None
     ignore_eos = _optional(body, "ignore_eos", bool, False)
-    return ChatRequest(model, messages, options, stream, include_usage and stream, ignore_eos)
+    return ChatRequest(model, messages, options, stream, include_usage and stream, ignore_eos, max_tokens, param)
+
+
+def check_context(prompt_tokens: int, chat: ChatRequest, max_model_len: int | None) -> None:
+    """The prompt, and the answer it asked for, must fit in the context (vLLM's messages). A request
+    that leaves `max_tokens` out gets what fits, up to the server's default."""
+    if max_model_len is None:
+        return
+    if prompt_tokens >= max_model_len:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, your messages "
+                          f"resulted in {prompt_tokens} tokens, which leaves no room for a completion. Please "
+                          "reduce the length of the messages.", param="messages", code="context_length_exceeded")
+    if chat.max_tokens is not None and prompt_tokens + chat.max_tokens > max_model_len:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                          f"{prompt_tokens + chat.max_tokens} tokens ({prompt_tokens} in the messages, "
+                          f"{chat.max_tokens} in the completion). Please reduce the length of the messages or "
+                          "completion.", param=chat.max_tokens_param, code="context_length_exceeded")
 
 
 def _parse_messages(messages) -> list[dict]:
@@ -77,8 +145,9 @@ def _parse_messages(messages) -> list[dict]:
         if not isinstance(message, dict):
             raise bad_request(f"{param} must be an object", param=param)
         role = message.get("role")
-        if role not in ROLES:
-            raise bad_request(f"{param}.role must be one of {', '.join(ROLES)}; got {role!r}", param=f"{param}.role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad_request(f"{param}.role must be one of {', '.join(ROLES)}; got {shown(role)}",
+                              param=f"{param}.role")
         parsed.append({"role": ROLES[role], "content": _text_content(message.get("content"), f"{param}.content")})
     return parsed
 
@@ -118,13 +187,21 @@ def _refuse_unsupported(body: dict) -> None:
             raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
 
 
-def _parse_options(body: dict, defaults: GenerationOptions) -> GenerationOptions:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+def _parse_max_tokens(body: dict, limit: int | None) -> tuple[int | None, str]:
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(param)
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise bad_request(f"{param} must be a positive integer; got {max_tokens!r}", param=param)
+        raise bad_request(f"{param} must be a positive integer; got {shown(max_tokens)}", param=param)
+    if max_tokens is not None and limit is not None and max_tokens > limit:
+        raise bad_request(f"Invalid '{param}': integer above maximum value. Expected a value <= {limit} "
+                          f"(--max_new_tokens_limit), but got {shown(max_tokens)} instead.",
+                          param=param, code="integer_above_max_value")
+    return max_tokens, param
+
+
+def _parse_options(body: dict, defaults: GenerationOptions) -> GenerationOptions:
     temperature = _optional(body, "temperature", float, None)
-    if temperature is not None and not 0 <= temperature <= 2:
+    if temperature is not None and not 0 <= temperature <= 2:  # NaN fails every comparison
         raise bad_request(f"temperature must be between 0 and 2; got {temperature}", param="temperature")
     top_p = _optional(body, "top_p", float, None)
     if top_p is not None and not 0 < top_p <= 1:
@@ -137,7 +214,7 @@ def _parse_options(body: dict, defaults: GenerationOptions) -> GenerationOptions
         raise bad_request(f"repetition_penalty must be positive; got {repetition_penalty}", param="repetition_penalty")
     seed = _optional(body, "seed", int, None)
     stop = _parse_stop(body.get("stop"))
-    return defaults.updated(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+    return defaults.updated(temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed, stop=stop)
 
 
@@ -159,8 +236,8 @@ def _optional(body: dict, name: str, kind: type, default, prefix: str = ""):
         return default
     accepted = (int, float) if kind is float else (kind,)
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
-        raise bad_request(f"{prefix}{name} must be a {'number' if kind is float else kind.__name__}; got {value!r}",
-                          param=prefix + name)
+        raise bad_request(f"{prefix}{name} must be a {'number' if kind is float else kind.__name__}; "
+                          f"got {shown(value)}", param=prefix + name)
     return float(value) if kind is float else value
 
 

@@ -2,6 +2,7 @@
 
     lorafit serve --adapter out/adapter --api_key secret
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Authorization: Bearer secret' \\
+         -H 'Content-Type: application/json' \\
          -d '{"model": "adapter", "messages": [{"role": "user", "content": "Hi"}]}'
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (with `"stream": true`: server-sent
@@ -13,6 +14,12 @@ owns the model and runs decode steps; a request joins the running batch between 
 `--max_batch_size` rows) and leaves when it finishes, so a short answer never waits for a long one
 and the event loop stays free to accept, check and reject requests. A client that goes away
 (streaming or not) leaves the batch at the next step.
+
+Every resource a request can claim is bounded (`lorafit.infer.serve_limits`): body size,
+`max_tokens`, context, the queue (429 with `Retry-After` when full) and time (504, or an error
+event at the end of a stream). Whatever a client sends, the answer is a 4xx with an OpenAI error
+body, never a 5xx or a traceback in the log: `tests/reliability/test_server_*.py` checks this
+under load.
 """
 
 from __future__ import annotations
@@ -33,72 +40,82 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from lorafit.errors import UserError
-from lorafit.infer.engine import (
-    DEFAULT_MAX_BATCH_SIZE,
-    BatchingEngine,
-    Completion,
-    GenerationRequest,
-    context_length,
-)
+from lorafit.infer.engine import DEFAULT_MAX_BATCH_SIZE, BatchingEngine, Completion, GenerationRequest, QueueFullError
 from lorafit.infer.loading import LoadedModel, add_model_arguments, load_from_args
 from lorafit.infer.openai_api import (
     APIError,
     ChatRequest,
     bad_request,
+    check_context,
     chunk,
     completion_response,
     finish_reason,
     models_response,
     new_completion_id,
     parse_chat_request,
+    queue_full,
+    request_timed_out,
     usage,
 )
-from lorafit.infer.options import GenerationOptions, GenerationOptionsError, add_generation_arguments, options_from_args
+from lorafit.infer.options import GenerationOptions, add_generation_arguments, options_from_args
+from lorafit.infer.serve_limits import (
+    RETRY_AFTER_SECONDS,
+    ServeLimits,
+    add_limit_arguments,
+    limits_from_args,
+    read_json_body,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away": logged, never received
 
 
 class ServedModel:
     """The loaded model behind the server: renders prompts and hands them to the batching engine,
     whose own thread runs decode steps until `close()`."""
 
-    def __init__(self, loaded: LoadedModel, defaults: GenerationOptions, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+    def __init__(self, loaded: LoadedModel, defaults: GenerationOptions, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 limits: ServeLimits | None = None):
         self.loaded = loaded
         self.defaults = defaults
-        self.context_length = context_length(loaded.model)
+        self.limits = (limits or ServeLimits()).validate(default_max_new_tokens=defaults.max_new_tokens)
         self.engine = BatchingEngine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.stop_token_ids,
-                                     pad_token_id=loaded.tokenizer.pad_token_id, max_batch_size=max_batch_size)
+                                     pad_token_id=loaded.tokenizer.pad_token_id, max_batch_size=max_batch_size,
+                                     max_queued=self.limits.max_queued_requests,
+                                     max_model_len=self.limits.max_model_len)
+        self.context_length = self.engine.context_length  # --max_model_len, else the model's
         self.engine_thread = self.engine.start()
 
-    def render(self, messages: list[dict]) -> list[int]:
+    def render(self, chat: ChatRequest) -> list[int]:
+        """The prompt's token ids, checked to fit in the context with the answer asked for."""
         from lorafit.data.render import render_prompt
 
         try:
-            ids = render_prompt(self.loaded.tokenizer, messages)
+            ids = render_prompt(self.loaded.tokenizer, chat.messages)
         except Exception as error:  # the template refused the conversation (e.g. roles out of order)
-            raise bad_request(f"the chat template cannot render these messages: {error}", param="messages") from None
-        if self.context_length is not None and len(ids) >= self.context_length:
-            raise bad_request(
-                f"the messages have {len(ids)} tokens; this model's maximum context length is {self.context_length}",
-                param="messages", code="context_length_exceeded",
-            )
+            raise bad_request(f"the chat template cannot render these messages: {str(error)[:300]}",
+                              param="messages") from None
+        check_context(len(ids), chat, self.context_length)
         return ids
 
     def submit(self, prompt: list[int], options: GenerationOptions, on_text=None,
                ignore_eos: bool = False) -> GenerationRequest:
-        return self.engine.submit(prompt, options, on_text=on_text, stop_token_ids=() if ignore_eos else None)
+        try:
+            return self.engine.submit(prompt, options, on_text=on_text, stop_token_ids=() if ignore_eos else None,
+                                      timeout=self.limits.timeout_seconds)
+        except QueueFullError as full:
+            raise queue_full(full.max_queued, RETRY_AFTER_SECONDS) from None
 
     def close(self) -> None:
         self.engine.close()
         self.engine_thread.join(timeout=30)
 
 
-def create_app(served: ServedModel, served_model: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+def create_app(served: ServedModel, served_model: str, api_key: str | None = None):
     @asynccontextmanager
     async def lifespan(_app):
         yield
@@ -109,7 +126,11 @@ def create_app(served: ServedModel, served_model: str, api_key: str | None = Non
 
     @app.exception_handler(APIError)
     async def api_error(_request, error: APIError):
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(_request, _error):  # while sending its body: nobody to answer
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, error: HTTPException):  # unknown route, wrong method
@@ -143,19 +164,17 @@ def create_app(served: ServedModel, served_model: str, api_key: str | None = Non
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request)
-        body = await read_json(request, max_body_bytes)
-        try:
-            chat = parse_chat_request(body, served.defaults, served_model)
-        except GenerationOptionsError as error:
-            raise bad_request(str(error), param=error.option) from None
-        prompt = served.render(chat.messages)
+        body = await read_json_body(request, served.limits.max_body_bytes)
+        chat = parse_chat_request(body, served.defaults, served_model, served.limits.max_new_tokens_limit)
+        prompt = await asyncio.to_thread(served.render, chat)  # a long prompt must not hold up the event loop
         if chat.stream:
-            return StreamingResponse(stream_events(served, prompt, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return EngineStream(served, prompt, chat)
         completion = await complete_unless_client_leaves(served, request, prompt, chat.options,
                                                          ignore_eos=chat.ignore_eos)
-        if completion is None:  # the client left before its turn; nobody reads this answer
-            return Response(status_code=499)
+        if completion is None or completion.finish_reason == "cancelled":  # the client left; nobody reads this
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if completion.finish_reason == "timeout":
+            raise request_timed_out(served.limits.request_timeout)
         return completion_response(new_completion_id(), chat.model, completion)
 
     return app
@@ -165,7 +184,7 @@ async def complete_unless_client_leaves(served: ServedModel, request, prompt: li
                                         *, ignore_eos: bool = False, poll_seconds: float = 0.25) -> Completion | None:
     """A non-streaming answer; a client that disconnects leaves the batch at the next step (or never
     joins it, while it waits for room), so no step is spent on answers nobody reads."""
-    job = served.submit(prompt, options, ignore_eos=ignore_eos)
+    job = served.submit(prompt, options, ignore_eos=ignore_eos)  # 429 here when the queue is full
 
     async def watch() -> None:
         while not await request.is_disconnected():
@@ -180,59 +199,54 @@ async def complete_unless_client_leaves(served: ServedModel, request, prompt: li
         watcher.cancel()
 
 
-async def read_json(request, limit: int):
-    """The request body as JSON, refusing bodies over `limit` bytes without reading them whole."""
-    declared = request.headers.get("content-length", "")
-    too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_large
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise bad_request(f"We could not parse the JSON body of your request: {error}") from None
-    except RecursionError:
-        raise bad_request("We could not parse the JSON body of your request: it is nested too deeply") from None
+class EngineStream(StreamingResponse):
+    """Server-sent events for one request: a role chunk, content chunks as text is decoded, a finish
+    chunk, [DONE]. The request is queued when this is built, so a full queue is still a 429; it
+    leaves the batch when the response ends however it ends (client gone before or during the
+    stream, server shutting down)."""
 
+    def __init__(self, served: ServedModel, prompt: list[int], chat: ChatRequest):
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
 
-async def stream_events(served: ServedModel, prompt: list[int], chat: ChatRequest):
-    """Server-sent events: a role chunk, content chunks as text is decoded, a finish chunk, [DONE]."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
+        def send(kind: str, value) -> None:  # called from the engine's thread
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop closed (server shutting down)
+                self.job.cancel()
 
-    def send(kind: str, value) -> None:  # called from the engine's thread
+        self.job = served.submit(prompt, chat.options, on_text=lambda text: send("text", text),
+                                 ignore_eos=chat.ignore_eos)
+        self.job.done.add_done_callback(lambda done: send("done", done))
+        self.chat, self.timeout = chat, served.limits.request_timeout
+        super().__init__(self.events_until_done(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop closed (server shutting down)
-            job.cancel()
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()  # no-op once answered; otherwise its rows leave the batch at the next step
 
-    job = served.submit(prompt, chat.options, on_text=lambda text: send("text", text), ignore_eos=chat.ignore_eos)
-    job.done.add_done_callback(lambda done: send("done", done))
-    completion_id = new_completion_id()
-    try:
+    async def events_until_done(self):
+        chat, completion_id = self.chat, new_completion_id()
         yield sse(chunk(completion_id, chat.model, {"role": "assistant", "content": ""}))
         while True:
-            kind, value = await events.get()
+            kind, value = await self.events.get()
             if kind == "text":
                 yield sse(chunk(completion_id, chat.model, {"content": value}))
                 continue
-            error = value.exception()
-            if error is not None:  # reported in the stream; the HTTP status is already 200
-                logger.error("generation failed", exc_info=error)
-                yield sse(APIError(500, f"generation failed: {error}", type_="server_error").body())
-            elif value.result() is not None:
-                completion = value.result()
+            completion = value.result() if value.exception() is None else None
+            if value.exception() is not None:  # reported in the stream; the HTTP status is already 200
+                logger.error("generation failed", exc_info=value.exception())
+                yield sse(APIError(500, f"generation failed: {value.exception()}", type_="server_error").body())
+            elif completion is not None and completion.finish_reason == "timeout":
+                yield sse(request_timed_out(self.timeout).body())
+            elif completion is not None and completion.finish_reason != "cancelled":
                 yield sse(chunk(completion_id, chat.model, finish=finish_reason(completion)))
                 if chat.include_usage:
                     yield sse(chunk(completion_id, chat.model, usage_counts=usage(completion)))
             break
         yield "data: [DONE]\n\n"
-    finally:
-        job.cancel()  # a client that went away leaves the batch at the next step
 
 
 def sse(payload: dict) -> str:
@@ -281,12 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--served_model_name", default=None,
                        help="the model id clients send and /v1/models lists (default: the adapter folder's name, "
                             "else the model's)")
-    group.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                       help=f"largest request body accepted (default: {DEFAULT_MAX_BODY_BYTES})")
     group.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                        help="the most requests decoded together; later ones join as answers finish "
                             f"(continuous batching; default: {DEFAULT_MAX_BATCH_SIZE}; 1 answers one at a time)")
     group.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_limit_arguments(parser)
     add_generation_arguments(parser)
     return parser
 
@@ -296,18 +309,21 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     defaults = options_from_args(args)
-    if args.max_body_bytes < 1024:
-        raise UserError(f"--max_body_bytes must be at least 1024, got {args.max_body_bytes}")
+    limits = limits_from_args(args)
     if args.max_batch_size < 1:
         raise UserError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
     if not is_loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can use the model",
               file=sys.stderr)
     sock = bind(args.host, args.port)
-    loaded = load_from_args(args)
+    try:
+        loaded = load_from_args(args)
+        served = ServedModel(loaded, defaults, max_batch_size=args.max_batch_size, limits=limits)
+    except BaseException:  # e.g. --max_model_len beyond the model: the port is free again at once
+        sock.close()
+        raise
     served_model = args.served_model_name or loaded.name
-    served = ServedModel(loaded, defaults, max_batch_size=args.max_batch_size)
-    app = create_app(served, served_model, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(served, served_model, api_key=args.api_key)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     print(f"lorafit serve: model '{served_model}' at http://{shown_host}:{port}/v1"
