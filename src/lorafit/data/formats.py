@@ -1,10 +1,14 @@
 """Readers: data files -> conversations (`[{"role", "content"}]`), each with its source for errors.
 
 A record's source is ``path:line`` in a JSON Lines file (1-based, counting blank lines) and
-``path:#index`` in a JSON array (0-based). Every reader yields either a `Conversation` or a
-`Rejection` with a reason; nothing here raises for a bad record, so callers decide between
-stopping (`--on_bad_record error`) and skipping. JSON Lines files are read line by line, so they may
-be larger than memory; a JSON array file is parsed whole.
+``path:#index`` in a JSON array (0-based); `json_records` reads the files (JSON Lines line by line,
+so they may be larger than memory). Every reader yields either a `Conversation` or a `Rejection`
+with a reason; nothing here raises for a bad record, so callers decide between stopping
+(`--on_bad_record error`) and skipping. A record is bad when it is not UTF-8 or not JSON, holds
+text that is not valid Unicode or nests too deeply (`json_records.unusable_value`), or when its
+fields do not fit its format; the reason names the field and what was expected. With ``auto`` the
+format is detected from a file's first good record; a record of another format later in the file
+is reported as such (one format per file).
 
 Formats (``--data_format``, ``auto`` detects per file):
 
@@ -27,6 +31,9 @@ from pathlib import Path
 from typing import Iterator
 
 from lorafit.data.errors import BadRecordError, DataConfigError
+from lorafit.data.json_records import Rejection, json_records, record_text, unusable_value
+
+__all__ = ["Conversation", "FormatOptions", "Rejection", "read_records", "resolve_files", "detect_format"]
 
 DATA_SUFFIXES = (".json", ".jsonl")
 ROLES = ("system", "user", "assistant", "tool")
@@ -34,6 +41,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 # OpenAI message keys passed through to the chat template besides role and content.
 MESSAGE_EXTRA_KEYS = ("tool_calls", "name", "tool_call_id")
+SHOWN_CHARS = 60  # the longest value or key list quoted in a reason
 
 
 @dataclass
@@ -41,13 +49,6 @@ class Conversation:
     source: str
     messages: list[dict]
     tools: list | None = None
-
-
-@dataclass
-class Rejection:
-    source: str
-    reason: str
-    raw: str | None = None  # the record as read (JSON text), for rejected.jsonl
 
 
 @dataclass(frozen=True)
@@ -86,70 +87,47 @@ def resolve_files(patterns: list[str] | None, flag: str = "--train_file") -> lis
 
 
 def read_records(path: str, options: FormatOptions) -> Iterator[Conversation | Rejection]:
-    """Every record of one file, as conversations or rejections, in file order."""
-    fmt = None if options.data_format == "auto" else options.data_format
-    for source, item, raw in _json_objects(path):
-        if isinstance(item, Rejection):
-            yield item
-            continue
-        try:
-            if not isinstance(item, dict):
-                raise BadRecordError(f"expected a JSON object, got {_json_type(item)}")
-            fmt = fmt or detect_format(item, options)
-            messages, tools = CONVERTERS[fmt](item, options)
-            yield Conversation(source, messages, tools)
-        except BadRecordError as error:
-            yield Rejection(source, error.reason, raw)
+    """Every record of one file, as conversations or rejections, in file order.
 
-
-def _json_objects(path: str):
-    """(source, parsed object or Rejection, raw text) for each record of a JSON or JSON Lines file."""
-    with open(path, "rb") as handle:
-        head = handle.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
-    if head.startswith(b"["):
-        yield from _json_array_objects(path)
-    else:
-        yield from _json_lines_objects(path)
-
-
-def _json_lines_objects(path: str):
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            source = f"{path}:{number}"
-            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            if not line.strip():
-                continue  # blank lines are not records
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                bad = line[error.start:error.start + 1].hex()
-                yield source, Rejection(source, f"invalid UTF-8 (byte 0x{bad} at column {error.start + 1})",
-                                        line.decode("utf-8", "replace").rstrip("\r\n")), None
+    An unreadable file (permissions, a folder) is a `DataConfigError` naming it."""
+    detected = None if options.data_format == "auto" else options.data_format
+    try:
+        for source, item, raw in json_records(path):
+            if isinstance(item, Rejection):
+                yield item
                 continue
-            text = text.rstrip("\r\n")
             try:
-                yield source, json.loads(text), text
-            except json.JSONDecodeError as error:
-                yield source, Rejection(source, f"invalid JSON: {error.msg} (column {error.colno})", text), None
+                if not isinstance(item, dict):
+                    raise BadRecordError(f"expected a JSON object, got {_json_type(item)}")
+                problem = unusable_value(item)
+                if problem:
+                    raise BadRecordError(problem)
+                fmt = detected or detect_format(item, options)
+                messages, tools = _convert(item, fmt, options, first=detected is None)
+                detected = fmt
+                yield Conversation(source, messages, tools)
+            except BadRecordError as error:
+                yield Rejection(source, error.reason, raw if raw is not None else record_text(item))
+    except OSError as error:
+        raise DataConfigError(f"{path}: cannot read the file ({error.strerror or error})") from None
 
 
-def _json_array_objects(path: str):
-    data = Path(path).read_bytes()
+def _convert(item: dict, fmt: str, options: FormatOptions, first: bool):
+    """The record in format `fmt`; when that format came from an earlier record and this one is
+    plainly another, the reason says so rather than naming a missing field."""
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        yield path, Rejection(f"{path}:{line}", "invalid UTF-8: the whole JSON file cannot be read"), None
-        return
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as error:
-        reason = f"invalid JSON: {error.msg} (column {error.colno}); the whole JSON file cannot be read"
-        yield path, Rejection(f"{path}:{error.lineno}", reason), None
-        return
-    for index, item in enumerate(items):
-        yield f"{path}:#{index}", item, json.dumps(item, ensure_ascii=False)
+        return CONVERTERS[fmt](item, options)
+    except BadRecordError as error:
+        if first or options.data_format != "auto":
+            raise
+        try:
+            own = detect_format(item, options)
+        except BadRecordError:
+            raise error from None
+        if own == fmt:
+            raise
+        raise BadRecordError(f"a {own} record in a file of {fmt} records (the format of its first good record): "
+                             f"keep one format per file ({error.reason})") from None
 
 
 def _json_type(value) -> str:
@@ -169,9 +147,15 @@ def detect_format(record: dict, options: FormatOptions) -> str:
     if options.prompt_column in record or options.response_column in record:
         return "prompt_response"
     raise BadRecordError(
-        f"cannot tell the format from the keys {sorted(record)}: expected 'messages', 'conversations', "
+        f"cannot tell the format from the keys {_shown(sorted(record))}: expected 'messages', 'conversations', "
         f"'instruction' or '{options.prompt_column}' (or pass --data_format)"
     )
+
+
+def _shown(value) -> str:
+    """repr(value), cut to SHOWN_CHARS: a reason quotes a bad value, never a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"... ({len(text)} characters)"
 
 
 def _string(record: dict, key: str, *, required: bool = True, nonempty: bool = False, what: str = "field"):
@@ -249,7 +233,7 @@ def from_sharegpt(record: dict, options: FormatOptions):
             raise BadRecordError(f"{where} must be an object, got {_json_type(turn)}")
         role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
         if role is None:
-            raise BadRecordError(f"{where}: 'from' must be one of {', '.join(SHAREGPT_ROLES)}, got {turn.get('from')!r}")
+            raise BadRecordError(f"{where}: 'from' must be one of {', '.join(SHAREGPT_ROLES)}, got {_shown(turn.get('from'))}")
         value = _string(turn, "value", what=f"{where} key", nonempty=role == "assistant")
         messages.append({"role": role, "content": value})
     return _require_assistant(messages), _tools(record)
@@ -266,7 +250,7 @@ def from_messages(record: dict, options: FormatOptions):
             raise BadRecordError(f"{where} must be an object, got {_json_type(message)}")
         role = message.get("role")
         if role not in ROLES:
-            raise BadRecordError(f"{where}: 'role' must be one of {', '.join(ROLES)}, got {role!r}")
+            raise BadRecordError(f"{where}: 'role' must be one of {', '.join(ROLES)}, got {_shown(role)}")
         calls_tools = role == "assistant" and bool(message.get("tool_calls"))
         content = _string(message, "content", what=f"{where} key", required=not calls_tools,
                           nonempty=role == "assistant" and not calls_tools) or ""

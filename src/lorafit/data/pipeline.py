@@ -288,7 +288,7 @@ def _save_cache(path: str, train, evaluation, summary: DataSummary, problems: li
         train.save_to_disk(os.path.join(staging, "train"))
         if evaluation is not None:
             evaluation.save_to_disk(os.path.join(staging, "eval"))
-        with open(os.path.join(staging, "summary.json"), "w") as handle:
+        with open(os.path.join(staging, "summary.json"), "w", encoding="utf-8") as handle:
             json.dump({"summary": summary.to_dict(), "problems": problems}, handle, ensure_ascii=False)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(staging, path)
@@ -303,7 +303,7 @@ def _load_cache(path: str):
 
     if not os.path.isfile(os.path.join(path, "summary.json")):
         return None
-    with open(os.path.join(path, "summary.json")) as handle:
+    with open(os.path.join(path, "summary.json"), encoding="utf-8") as handle:
         saved = json.load(handle)
     train = datasets.load_from_disk(os.path.join(path, "train"))
     eval_path = os.path.join(path, "eval")

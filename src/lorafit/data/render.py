@@ -15,6 +15,11 @@ never by token id). Glue the template puts after the end-of-turn token (a newlin
 
 BOS is added exactly when the tokenizer itself adds it and the rendered text does not already start
 with it, so a template that writes ``{{ bos_token }}`` and a tokenizer that adds BOS never double it.
+
+Whatever reaches the renderer (from the readers, chat, generate or the server) is checked first: a
+conversation is a non-empty list of ``{"role": str, "content": str}`` objects, and the rendered text
+must be valid Unicode. Anything else is a `BadRecordError` saying which message, never another
+exception from deep inside the template engine or the tokenizer.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorafit.data.errors import BadRecordError
+from lorafit.data.json_records import is_text
 from lorafit.data.templates import end_of_turn_token_ids
 
 IGNORE_INDEX = -100
@@ -43,6 +49,19 @@ class RenderedConversation:
     input_ids: list[int]
     turns: list[AssistantTurn] = field(default_factory=list)
     response_cut: bool = False  # a reply lost its end of turn to truncation
+
+
+def check_messages(messages) -> None:
+    """The renderer's input: a non-empty list of objects with a string 'role' and a string 'content'."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRecordError("a conversation must be a non-empty list of {'role', 'content'} messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRecordError(f"message {index} must be an object with 'role' and 'content', "
+                                 f"got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise BadRecordError(f"message {index}: '{key}' must be a string, got {type(message.get(key)).__name__}")
 
 
 def render_text(tokenizer, messages: list[dict], tools=None, add_generation_prompt: bool = False) -> str:
@@ -74,6 +93,8 @@ def leading_special_ids(tokenizer) -> list[int]:
 def encode_text(tokenizer, text: str, leading_ids: list[int] | None = None) -> list[int]:
     """Tokenize rendered text, adding BOS only when the tokenizer would and the text lacks it."""
     leading = leading_special_ids(tokenizer) if leading_ids is None else leading_ids
+    if not is_text(text):  # a lone surrogate: the tokenizer would raise from its Rust side
+        raise BadRecordError("the conversation holds a lone UTF-16 surrogate (not valid Unicode text)")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if leading and ids[:len(leading)] != leading:
         ids = leading + ids
@@ -82,11 +103,13 @@ def encode_text(tokenizer, text: str, leading_ids: list[int] | None = None) -> l
 
 def render_prompt(tokenizer, messages: list[dict], tools=None) -> list[int]:
     """Token ids of a conversation plus the generation prompt (assistant header), as training renders it."""
+    check_messages(messages)
     return encode_text(tokenizer, render_text(tokenizer, messages, tools, add_generation_prompt=True))
 
 
 def trim_after_last_assistant(messages: list[dict]) -> list[dict]:
     """Drop messages after the last assistant reply: nothing after it is trained or conditions it."""
+    check_messages(messages)
     last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
     if last is None:
         raise BadRecordError("the conversation has no assistant message to learn from")
