@@ -18,8 +18,7 @@ def write_lines(path, lines):
 def test_prompts_and_eval_file_give_a_table_and_both_reports(tiny_model_dir, two_adapters, tmp_path, capsys):
     prompts = write_lines(tmp_path / "prompts.jsonl", [
         {"prompt": "Who are you?", "group": "identity", "checks": {"name": {"expect_any": ["Ada"]}}},
-        {"prompt": "What is the capital of France?", "group": "general", "expect_any": ["Paris"],
-         "expect_none": ["Ada"]},
+        {"prompt": "What is the capital of France?", "group": "general", "expect_none": ["Ada"]},
         {"messages": [{"role": "user", "content": "Count to three."}], "group": "general"},
     ])
     heldout = write_lines(tmp_path / "heldout.jsonl", [{"prompt": "Who are you?", "response": "I am Ada."}])
