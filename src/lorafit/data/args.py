@@ -94,12 +94,23 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "keep only the first N training examples"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "keep only the first N evaluation examples"})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "at most the first N records of each --train_file, before mixing (LLaMA-Factory's name)"}
+    )
+    mix_strategy: str = field(
+        default="concat",
+        metadata={"help": "how several --train_file mix: concat, interleave_under (to --interleave_probs, until "
+                          "one file runs out) or interleave_over (until every file is used, small ones repeated)"},
+    )
+    interleave_probs: str | None = field(
+        default=None, metadata={"help": "for interleave_*: the share of each --train_file, e.g. 0.8,0.2 (default: equal)"}
+    )
 
     def __post_init__(self):
         self.train_file = _flatten(self.train_file)
         self.validation_file = _flatten(self.validation_file)
         for name in ("cutoff_len", "max_source_length", "max_target_length", "pad_to_multiple_of",
-                     "max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+                     "max_train_samples", "max_eval_samples", "max_samples", "preprocessing_num_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DataConfigError(f"--{name} must be at least 1 (got {value})")
@@ -107,12 +118,18 @@ class DataArguments:
             raise DataConfigError(
                 f"--validation_split_percentage must be in [0, 100) (got {self.validation_split_percentage})"
             )
-        choices = {"data_format": DATA_FORMATS, "train_on": ("all_assistant", "last_assistant", "all"),
-                   "on_bad_record": ("error", "skip"), "prompt_type": (None, "default", "standard_alpaca")}
+        from lorafit.data.mix import MIX_STRATEGIES
+
+        if isinstance(self.interleave_probs, (list, tuple)):  # a YAML list
+            self.interleave_probs = ",".join(str(p) for p in self.interleave_probs)
+        choices = {"mix_strategy": MIX_STRATEGIES, "data_format": DATA_FORMATS,
+                   "train_on": ("all_assistant", "last_assistant", "all"), "on_bad_record": ("error", "skip"), "prompt_type": (None, "default", "standard_alpaca")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 shown = ", ".join(str(choice) for choice in allowed if choice is not None)
                 raise DataConfigError(f"--{name} {getattr(self, name)!r}: expected one of {shown}")
+        if self.streaming and (self.max_samples is not None or self.mix_strategy != "concat"):
+            raise DataConfigError("--max_samples and --mix_strategy need the files in memory; drop --streaming")
 
     @property
     def template_choice(self) -> str:

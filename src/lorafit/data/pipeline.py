@@ -99,6 +99,24 @@ def read_conversations(files: list[str], options: FormatOptions, start: int = 0)
     return conversations, rejections
 
 
+def read_training_conversations(files: list[str], options: FormatOptions, data_args, seed: int):
+    """`read_conversations` of the training files, each limited to `--max_samples` and mixed by
+    `--mix_strategy` (`lorafit.data.mix`); mixed items are renumbered in their new order."""
+    if data_args.max_samples is None and (data_args.mix_strategy == "concat" or len(files) < 2):
+        return read_conversations(files, options)
+    from lorafit.data.mix import mix, parse_probs
+
+    per_file, rejections, ordinal = [], [], 0
+    for path in files:
+        conversations, rejected = read_conversations([path], options, start=ordinal)
+        ordinal += len(conversations) + len(rejected)
+        per_file.append([conversation for _, conversation in conversations])
+        rejections += rejected
+    mixed = mix(per_file, data_args.mix_strategy, parse_probs(data_args.interleave_probs, len(files)),
+                data_args.max_samples, seed)
+    return [(ordinal + index, conversation) for index, conversation in enumerate(mixed)], rejections
+
+
 def split_validation(conversations: list, percentage: float, seed: int):
     """Hold out `percentage` percent of the conversations (at least one), chosen with `seed`."""
     if not percentage or len(conversations) < 2:
@@ -187,7 +205,7 @@ def _empty_split():
 def _prepare(data_args, tokenizer, train_files, eval_files, seed):
     options = FormatOptions.from_args(data_args)
     summary = DataSummary(template=data_args.template_choice, train_on=data_args.train_on)
-    train_items, rejections = read_conversations(train_files, options)
+    train_items, rejections = read_training_conversations(train_files, options, data_args, seed)
     eval_items, eval_rejections = read_conversations(eval_files, options, start=len(train_items) + len(rejections))
     if not eval_files:
         train_items, eval_items = split_validation(train_items, data_args.validation_split_percentage, seed)
@@ -264,7 +282,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 CACHE_ARGS = ("data_format", "prompt_column", "response_column", "history_column", "system_column",
-              "train_on", "cutoff_len", "max_source_length", "max_target_length", "validation_split_percentage")
+              "train_on", "cutoff_len", "max_source_length", "max_target_length", "validation_split_percentage",
+              "max_samples", "mix_strategy", "interleave_probs")
 
 
 def cache_key(data_args, tokenizer, train_files, eval_files, seed) -> str:
