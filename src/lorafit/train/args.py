@@ -184,12 +184,35 @@ class LorafitTrainingArguments(TrainingArguments):
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "count input tokens (all, non_padding, no): tokens/s in the logs"}
     )
+    replay_prompts: Optional[str] = field(
+        default=None,
+        metadata={"help": "also train on the base model's own answers to these general prompts, to keep what it "
+                          "knows: 'builtin' (lorafit's set) or a JSONL of prompts (see docs/train.md, replay)"},
+    )
+    replay_samples: Optional[int] = field(
+        default=None, metadata={"help": "use this many of the replay prompts (a seeded choice; default: all)"}
+    )
+    replay_max_new_tokens: int = field(
+        default=128, metadata={"help": "longest replay answer; answers the base model does not finish are dropped"}
+    )
+    eval_prompts: Optional[str] = field(
+        default=None,
+        metadata={"help": "a lorafit eval prompts file (prompts + checks) answered greedily at each evaluation; "
+                          "pass counts go to metrics.jsonl, loss.png and the model card"},
+    )
+    eval_prompts_max_new_tokens: int = field(
+        default=48, metadata={"help": "tokens per answer for --eval_prompts"}
+    )
     max_nonfinite_steps: int = field(
         default=3, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient norm "
                                      "(each one's update is skipped); the last good checkpoint is kept"}
     )
 
     def __post_init__(self):
+        for name in ("replay_samples", "replay_max_new_tokens", "eval_prompts_max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ArgumentsError(f"--{name} must be at least 1, got {value}")
         if self.warmup_ratio is not None:
             if not 0.0 <= self.warmup_ratio < 1.0:
                 raise ArgumentsError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -65,10 +65,20 @@ def plot_loss(records: list[dict], path: str | Path, title: str = "") -> Path | 
         axes.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", linewidth=1.2)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (mean over trained tokens)")
+    from lorafit.train.eval_prompts import pass_rate_series
+
+    rates = pass_rate_series(records)
+    if rates:  # --eval_prompts: pass rates on a second axis, so forgetting shows beside the loss
+        right = axes.twinx()
+        for key, points in rates.items():
+            right.plot(*zip(*points), label=key, marker=".", linestyle="--", linewidth=1)
+        right.set_ylim(-0.05, 1.05)
+        right.set_ylabel("eval prompts passed (fraction)")
+        right.legend(loc="upper right", fontsize=7)
     if title:
         axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(loc="upper left" if rates else "best")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path)

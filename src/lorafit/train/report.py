@@ -61,6 +61,13 @@ def _usage(config: TrainConfig, base_path: str, output_dir: Path) -> str:
     )
 
 
+def _eval_prompt_lines(output_dir: Path) -> list[str]:
+    from lorafit.train.eval_prompts import model_card_section
+
+    lines = model_card_section(output_dir)
+    return [*lines, ""] if lines else []
+
+
 def write_model_card(config: TrainConfig, output_dir: str | Path, base_path: str, data_summary: str = "") -> Path:
     output_dir = Path(output_dir)
     metrics = final_metrics(output_dir / METRICS_FILE)
@@ -91,6 +98,7 @@ def write_model_card(config: TrainConfig, output_dir: str | Path, base_path: str
         "",
         f"![loss curve]({LOSS_PLOT_FILE})  (every log line is in `{METRICS_FILE}`)",
         "",
+        *_eval_prompt_lines(output_dir),
         "## How to load",
         "",
         _usage(config, base_path, output_dir),

@@ -170,7 +170,7 @@ def prepare_tokenizer(config: TrainConfig, model_path: str):
     return set_chat_template(tokenizer, config.data.template_choice)
 
 
-def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: str):
+def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: str, eval_prompts=None):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from lorafit.data.collate import build_collator
@@ -190,6 +190,11 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: s
         trainer.add_callback(ReadableProgressCallback() if output_is_terminal() else ReadableLogPrinter())
     if trainer.pop_callback(PrinterCallback) is not None:  # --disable_tqdm
         trainer.add_callback(ReadableLogPrinter())
+    if eval_prompts:
+        from lorafit.train.eval_prompts import EvalPromptsCallback
+
+        trainer.add_callback(EvalPromptsCallback(eval_prompts, tokenizer, config.training.output_dir,
+                                                 config.training.eval_prompts_max_new_tokens))
     return trainer
 
 
@@ -216,6 +221,18 @@ def evaluated_at_last_step(state) -> bool:
     return any("eval_loss" in entry and entry.get("step") == state.global_step for entry in state.log_history)
 
 
+def add_replay_file(config: TrainConfig, model_path: str, tokenizer) -> None:
+    """Append the base model's answers to the replay prompts to the training files (`train.replay`)."""
+    from lorafit.data.templates import set_chat_template
+    from lorafit.train.replay import replay_file
+
+    training = config.training
+    set_chat_template(tokenizer, config.data.template_choice)  # answers rendered as training renders
+    path = replay_file(model_path, tokenizer, training.replay_prompts, training.replay_samples,
+                       training.replay_max_new_tokens, training.seed, config.model.trust_remote_code)
+    config.data.train_file = [*config.data.train_file, str(path)]
+
+
 def describe_trainable(model) -> str:
     trainable, total = lorafit.trainable_parameters(model)
     return f"trainable parameters: {trainable:,d} of {total:,d} ({100 * trainable / max(total, 1):.3f}%)"
@@ -239,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     from lorafit.train.model_setup import build_model
     from lorafit.train.report import CONFIG_FILE, write_model_card
 
+    eval_prompts = None
+    if training.eval_prompts:  # read (and refused, if bad) before anything heavy starts
+        from lorafit.evaluate.prompts import read_eval_prompts
+
+        eval_prompts = read_eval_prompts(training.eval_prompts, flag="--eval_prompts")
     set_seed(training.seed)
     output_dir = Path(training.output_dir)
     if training.should_save:
@@ -249,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     with training.main_process_first(desc="model resolution"):
         model_path = resolve_model_path(config.model.model_name_or_path)
     tokenizer = prepare_tokenizer(config, model_path)
+    if training.replay_prompts and config.data.train_file:
+        with training.main_process_first(desc="replay answers"):
+            add_replay_file(config, model_path, tokenizer)
     with training.main_process_first(desc="tokenizing"):
         # Only the main process writes files (rejected.jsonl among them).
         prepared = build_datasets(config.data, tokenizer, str(output_dir) if training.should_save else None,
@@ -258,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     if training.eval_strategy != "no" and prepared.eval is None:
         raise UserError("evaluation was requested but there is no evaluation data "
                         "(--validation_file FILE or --validation_split_percentage N)")
+    if eval_prompts and training.eval_strategy == "no":
+        raise UserError("--eval_prompts are answered at each evaluation: also pass --eval_strategy epoch (or steps) "
+                        "and evaluation data (--validation_file FILE or --validation_split_percentage N)")
 
     model = build_model(model_path, config.model, config.lora, training)
     logger.info("%s", describe_trainable(model))
-    trainer = build_trainer(config, model, tokenizer, prepared, model_path)
+    trainer = build_trainer(config, model, tokenizer, prepared, model_path, eval_prompts)
     stop = graceful_stop_of(trainer)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
