@@ -276,3 +276,10 @@ def test_streaming_reads_the_same_files_without_escaping_exceptions(tmp_path_fac
             assert len(example["input_ids"]) == len(example["labels"]) <= 64
     except BadRecordsError:
         assert on_bad_record == "error"
+
+
+def test_an_unreadable_file_is_one_error_naming_it(tmp_path):
+    folder = tmp_path / "not-a-file.jsonl"
+    folder.mkdir()  # opening it fails as a file that cannot be read does (root ignores permissions)
+    with pytest.raises(DataConfigError, match="not-a-file.jsonl: cannot read the file"):
+        list(read_records(str(folder), FormatOptions()))

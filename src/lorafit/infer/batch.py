@@ -7,7 +7,11 @@ a line is written (and flushed) as soon as it and every line before it are answe
 run keeps a whole prefix of the file; `--resume` continues it.
 
 Every record is checked before anything is generated (its shape before the model loads, its
-rendering and length right after); bad ones are listed as `path:line: reason`.
+rendering and length right after); bad ones are listed as `path:line: reason` and nothing is written
+(exit code 2), unless `--on_bad_record skip` leaves them out. Invalid UTF-8, invalid JSON (a number
+too long to read and nesting too deep included), text that is not Unicode (a lone surrogate) and
+nesting past 64 levels are bad records as in training data (`lorafit.data.json_records`), never a
+traceback; a byte order mark is skipped.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class PromptRecord:
 def messages_from_record(record) -> list[dict]:
     """A conversation ending in a user turn, from either input shape; ValueError says what is wrong."""
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        raise ValueError(f"expected a JSON object, got {_json_type(record)}")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -69,26 +73,44 @@ def messages_from_record(record) -> list[dict]:
     return messages
 
 
+def _json_type(value) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptRecord], list[tuple[str, str]]]:
     """All records of a JSONL file, and the bad ones as (path:line, reason)."""
+    from lorafit.data.json_records import parse_json, unusable_value
+
     if not path.is_file():
         raise UserError(f"--input {path}: no such file")
     records, problems = [], []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            source = f"{path}:{number}"
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+    try:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                source = f"{path}:{number}"
+                try:
+                    text = raw.decode("utf-8").lstrip("\ufeff").strip()
+                except UnicodeDecodeError as error:
+                    problems.append((source, f"not valid UTF-8 (byte 0x{raw[error.start:error.start + 1].hex()} "
+                                             f"at column {error.start + 1})"))
+                    continue
                 if not text:
                     continue
-                record = json.loads(text)
-                records.append(PromptRecord(source, record, messages_from_record(record)))
-            except UnicodeDecodeError:
-                problems.append((source, "not valid UTF-8"))
-            except json.JSONDecodeError as error:
-                problems.append((source, f"not valid JSON ({error.msg} at column {error.colno})"))
-            except ValueError as error:
-                problems.append((source, str(error)))
+                record, problem = parse_json(text)
+                if problem is not None:
+                    at = f" at column {problem.column}" if problem.column else ""
+                    problems.append((source, f"not valid JSON ({problem.message}{at})"))
+                    continue
+                try:
+                    reason = unusable_value(record)
+                    if reason:
+                        raise ValueError(reason)
+                    records.append(PromptRecord(source, record, messages_from_record(record)))
+                except ValueError as error:
+                    problems.append((source, str(error)))
+    except OSError as error:
+        raise UserError(f"--input {path}: cannot read the file ({error.strerror or error})") from None
     if problems and on_bad_record == "error":
         from lorafit.data.errors import BadRecordsError
 

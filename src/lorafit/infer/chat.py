@@ -9,15 +9,23 @@ On a terminal it prompts and streams; when stdin is not a terminal every non-emp
 message and gets one answer, followed by a newline, so it can be scripted:
 
     printf 'Hi!\\nName three colours.\\n' | lorafit chat --adapter out/adapter
+
+A message that cannot be answered (stdin bytes that are not UTF-8, a message too long for the
+model's context even with no history, one the chat template refuses) is reported on stderr naming
+its line, gets an empty answer line (so answers stay one per line), and the chat goes on; piped,
+the run then ends with exit code 2 and one message listing those lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Iterable, TextIO
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterable, Iterator, TextIO
 
 from lorafit.data.errors import BadRecordError
+from lorafit.data.json_records import is_text
+from lorafit.errors import UserError
 from lorafit.infer.generate import Completion, PromptTooLongError, context_length, generate
 from lorafit.infer.loading import LoadedModel, add_model_arguments, load_from_args
 from lorafit.infer.options import GenerationOptions, add_generation_arguments, options_from_args
@@ -80,19 +88,35 @@ def _drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
     return messages[:start] + messages[following_user:]
 
 
-def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, err: TextIO, interactive: bool) -> None:
-    """Answer each line; `/reset` and `/exit` are commands. Streams every answer to `out`."""
+@dataclass
+class UnreadableLine:
+    """A line of stdin that is not text: reported in place of a message."""
+
+    reason: str
+
+
+def run_repl(session: ChatSession, lines: Iterable[str | UnreadableLine], out: TextIO, err: TextIO,
+             interactive: bool) -> list[int]:
+    """Answer each line; `/reset` and `/exit` are commands. Streams every answer to `out`; returns
+    the numbers of the lines that got no answer (each reported on `err` as it happened)."""
     def write(text: str) -> None:
         out.write(text)
         out.flush()
 
-    for line in lines:
+    unanswered = []
+    for number, line in enumerate(lines, start=1):
+        where = "" if interactive else f"stdin line {number}: "
+        if isinstance(line, UnreadableLine):
+            err.write(f"error: {where}{line.reason}\n")
+            unanswered.append(number)
+            write("\n")
+            continue
         message = line.rstrip("\r\n")
         command = message.strip().lower()
         if not command:
             continue
         if command in ("/exit", "/quit"):
-            return
+            break
         if command == "/reset":
             session.reset()
             err.write("(history cleared)\n")
@@ -100,15 +124,30 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, err: TextI
         try:
             session.reply(message, write)
         except (PromptTooLongError, BadRecordError) as error:  # the template refused, or no room: say so, go on
-            err.write(f"error: {error}\n")
+            err.write(f"error: {where}{error}\n")
+            unanswered.append(number)
         except KeyboardInterrupt:
             if not interactive:
                 raise
             err.write("\n(interrupted; this exchange is not kept)")
         write("\n")
+    return unanswered
 
 
-def terminal_lines(prompt: str = "you> ") -> Iterable[str]:
+def stdin_lines(stream: BinaryIO) -> Iterator[str | UnreadableLine]:
+    """The lines of piped stdin as text (a leading byte order mark skipped); a line that is not UTF-8
+    comes as an `UnreadableLine` naming the byte, not as a UnicodeDecodeError from the text layer."""
+    for number, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield UnreadableLine(f"invalid UTF-8 (byte 0x{raw[error.start:error.start + 1].hex()} at column "
+                                 f"{error.start + 1}); lorafit chat reads UTF-8 text")
+            continue
+        yield text.removeprefix("\ufeff") if number == 1 else text
+
+
+def terminal_lines(prompt: str = "you> ") -> Iterable[str | UnreadableLine]:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -116,6 +155,8 @@ def terminal_lines(prompt: str = "you> ") -> Iterable[str]:
     while True:
         try:
             yield input(prompt)
+        except UnicodeDecodeError:
+            yield UnreadableLine("that line is not valid UTF-8 text")
         except EOFError:
             print()
             return
@@ -143,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = options_from_args(args)
+    if args.system is not None and not is_text(args.system):
+        raise UserError("--system is not valid UTF-8 text")
     interactive = sys.stdin.isatty()
     loaded = load_from_args(args)
     show = None
@@ -155,6 +198,10 @@ def main(argv: list[str]) -> int:
         print(f"lorafit chat: {loaded.name}. {COMMANDS_HELP}.", file=sys.stderr)
         lines = terminal_lines()
     else:
-        lines = sys.stdin
-    run_repl(session, lines, sys.stdout, sys.stderr, interactive)
+        lines = stdin_lines(sys.stdin.buffer)
+    unanswered = run_repl(session, lines, sys.stdout, sys.stderr, interactive)
+    if unanswered and not interactive:
+        shown = ", ".join(map(str, unanswered[:20])) + (" ..." if len(unanswered) > 20 else "")
+        raise UserError(f"{len(unanswered)} line{'s' if len(unanswered) > 1 else ''} of stdin got no answer "
+                        f"(line{'s' if len(unanswered) > 1 else ''} {shown}; reasons above)")
     return 0
