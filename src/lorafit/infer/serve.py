@@ -219,7 +219,8 @@ class EngineStream(StreamingResponse):
                                  ignore_eos=chat.ignore_eos)
         self.job.done.add_done_callback(lambda done: send("done", done))
         self.chat, self.timeout = chat, served.limits.request_timeout
-        super().__init__(self.events_until_done(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(self.events_until_done(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope, receive, send) -> None:
         try:

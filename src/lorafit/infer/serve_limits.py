@@ -69,8 +69,8 @@ class ServeLimits:
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits (what one request may claim; see docs/infer.md)")
-    kinds = {"max_body_bytes": (int, "BYTES"), "max_new_tokens_limit": (int, "TOKENS"), "max_model_len": (int, "TOKENS"),
-             "max_queued_requests": (int, "N"), "request_timeout": (float, "SECONDS")}
+    kinds = {"max_body_bytes": (int, "BYTES"), "max_new_tokens_limit": (int, "TOKENS"),
+             "max_model_len": (int, "TOKENS"), "max_queued_requests": (int, "N"), "request_timeout": (float, "SECONDS")}
     for limit in fields(ServeLimits):
         kind, metavar = kinds[limit.name]
         shown = "" if limit.default is None else f" (default: {limit.default})"
