@@ -8,12 +8,19 @@ resolution converts it once into a plain Hugging Face folder under ``$LORAFIT_HO
 folder beside the cache and renames it into place, so an interrupted or concurrent first run never
 leaves a half-written model behind.
 
-Any other name is a local folder or a Hub id, loaded the usual way (``trust_remote_code`` off
-unless asked for).
+Any other name is a local folder or a Hub id, loaded the usual way. Loading is safe by default:
+
+* ``trust_remote_code`` is off unless the user passes ``--trust_remote_code``; a folder whose config
+  needs its own Python code (an ``auto_map`` entry transformers has no local class for) is then a
+  one-line `RemoteCodeRefused`, with nothing of that code run;
+* a ``tokenizer_config.json`` naming a file outside its own folder (``"vocab_file":
+  "../../etc/passwd"``, an absolute path) is refused before transformers reads it
+  (`check_file_references`), so files are only ever read from inside the folder that was named.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -42,6 +49,54 @@ DTYPES = {
 
 class ModelResolutionError(UserError):
     """The model name cannot be turned into a loadable folder (a user error, shown without traceback)."""
+
+
+class RemoteCodeRefused(UserError):
+    """The model or tokenizer needs its own Python code and --trust_remote_code was not given."""
+
+
+class UnsafeFileReference(UserError):
+    """A config file in a model or adapter folder names a file outside that folder."""
+
+
+# tokenizer_config.json keys ending in "_file" that transformers keeps as metadata and never opens
+# (old files carry the uploader's absolute paths in them); every other "*_file" key names a file to read.
+METADATA_FILE_KEYS = frozenset({"special_tokens_map_file", "added_tokens_file", "tokenizer_config_file"})
+
+
+@contextlib.contextmanager
+def refusing_remote_code(path: str, trust_remote_code: bool):
+    """transformers' refusal to run a folder's code, as one line saying which flag allows it."""
+    try:
+        yield
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise RemoteCodeRefused(
+            f"{path} needs its own Python code to load (an auto_map entry in its config); lorafit runs a "
+            "model's code only when you pass --trust_remote_code, which you should do only for a source you trust"
+        ) from None
+
+
+def check_file_references(folder: str | Path) -> None:
+    """Refuse a tokenizer_config.json that points at a file outside `folder` (absolute or ``..``)."""
+    folder = Path(folder)
+    config_file = folder / "tokenizer_config.json"
+    try:
+        entries = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # absent or unreadable: transformers reports what is wrong with it
+    if not isinstance(entries, dict):
+        return
+    root = folder.resolve()
+    for key, value in entries.items():
+        if not (key.endswith("_file") and key not in METADATA_FILE_KEYS and isinstance(value, str) and value):
+            continue
+        if not (root / value).resolve().is_relative_to(root):
+            raise UnsafeFileReference(
+                f"{config_file}: {key} {value!r} points outside the folder; lorafit reads a tokenizer only from "
+                f"files inside its folder: remove the {key} entry"
+            )
 
 
 def lorafit_home() -> Path:
@@ -76,8 +131,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
     folder, filename = str(gguf_path.parent), gguf_path.name
     logger.info("converting the embedded model %s once into %s", filename, target)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, trust_remote_code=False)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32,
+                                                      trust_remote_code=False)
     config = gguf_model.config
     # save_pretrained refuses GGUF-quantized models; the weights are already dequantized, so a
     # model built from the cleaned config takes them as a plain state dict.
@@ -149,7 +205,10 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if Path(path).is_dir():
+        check_file_references(path)
+    with refusing_remote_code(path, trust_remote_code):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss by position, never by token id, so reusing
         # EOS as the pad token is safe here (the classic pad == eos trap is handled in data/).
@@ -176,7 +235,8 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with refusing_remote_code(path, trust_remote_code):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def load_model_and_tokenizer(name_or_path: str | None, **model_kwargs):

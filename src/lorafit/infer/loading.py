@@ -120,10 +120,12 @@ def load_inference_tokenizer(base: str | None, adapter: Path | None, template: s
     from transformers import AutoTokenizer
 
     from lorafit.data.templates import set_chat_template
-    from lorafit.models import load_tokenizer
+    from lorafit.models import check_file_references, load_tokenizer, refusing_remote_code
 
     if adapter is not None and any((adapter / name).is_file() for name in TOKENIZER_FILES):
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=trust_remote_code)
+        check_file_references(adapter)
+        with refusing_remote_code(str(adapter), trust_remote_code):
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if template != "auto":
