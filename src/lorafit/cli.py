@@ -5,6 +5,7 @@ dispatches, so `lorafit --help` stays fast (nothing heavy is imported until a co
 User mistakes (`UserError` and its kin) print one clear message and exit 2, never a traceback;
 `--debug` (anywhere on the line) or `LORAFIT_DEBUG=1` prints the traceback too. A training run
 stopped before its end (`TrainingStopped`) prints how to resume and exits with its own code.
+When stdout or stderr is not a terminal, no command draws progress bars (`lorafit.plain_output`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import traceback
 
 from lorafit.errors import TrainingStopped, UserError
+from lorafit.plain_output import use_plain_output
 
 DEBUG_FLAG = "--debug"
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"lorafit: unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
+    use_plain_output()  # before the command imports transformers or datasets: they read the switches then
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)

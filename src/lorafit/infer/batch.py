@@ -235,11 +235,11 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--output {args.output} has {done} lines but --input has only {len(records)} prompts")
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
-    from tqdm.auto import tqdm
+    from lorafit.plain_output import progress
 
     with args.output.open("a" if args.resume else "w", encoding="utf-8") as output, \
-            tqdm(total=len(records), initial=done, unit="prompt", desc="generate", file=sys.stderr) as progress:
-        answer_all(loaded, records[done:], options, args.batch_size, output, progress, first_index=done)
+            progress(len(records), initial=done, unit="prompt", desc="generate") as shown:
+        answer_all(loaded, records[done:], options, args.batch_size, output, shown, first_index=done)
     print(f"wrote {len(records)} answers to {args.output}" + (f" ({done} from before)" if done else ""),
           file=sys.stderr)
     return 0

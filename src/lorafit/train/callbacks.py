@@ -7,18 +7,21 @@ multi-process run produces one report, not one per process.
 On a terminal the progress is a tqdm bar with one line per log above it. When stdout or stderr is
 not a terminal (a log file, CI, `nohup`, the web UI reading a run) there is no bar: a redrawn bar
 is carriage returns and cursor escapes in a file. Each log is then one plain line with an ETA.
+Whether the output is a terminal, and switching the libraries' own bars off, is
+`lorafit.plain_output`, shared with every other command.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+
+from lorafit.plain_output import output_is_terminal  # noqa: F401  (train/run.py imports it from here)
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
@@ -153,11 +156,6 @@ def progress_line(state, logs: dict) -> str | None:
         return None
     epoch = f" epoch {state.epoch:.2f}" if state.epoch is not None else ""
     return f"step {state.global_step}/{state.max_steps}{epoch} | {line}"
-
-
-def output_is_terminal() -> bool:
-    """True when both stdout and stderr are terminals, the only place a redrawn progress bar belongs."""
-    return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
 
 
 def format_duration(seconds: float) -> str:
