@@ -1,14 +1,19 @@
-"""`lorafit demo` (what `make demo` runs): teach the embedded model a new name, on a CPU, in minutes.
+"""`lorafit demo` (what `make demo` runs): give the embedded model a new persona on a CPU, in minutes,
+and show what it learned and what it kept.
 
-1. write the identity data that ships with lorafit (`resources/identity*.jsonl`: "Who are you?",
-   "Who made you?" and their paraphrases) with `--name` and `--author` filled in;
-2. ask the base model a few *held-out* paraphrases, questions it never sees in training;
-3. train a LoRA adapter with `lorafit train` (the same code path as any user run);
-4. load the base plus the saved adapter and ask the held-out questions again.
+1. write lorafit's persona set (`resources/persona.jsonl`: 80 questions about who the assistant is,
+   45 in English and 35 in Chinese, with varied answers) with `--name` and `--author` filled in,
+   and its held-out questions (`resources/persona_eval.jsonl`: 10 identity paraphrases the
+   training never sees, and 48 general questions with the words a right answer contains);
+2. train with the persona recipe (`resources/persona.yaml`, the same file as
+   `examples/persona.yaml`), through `lorafit train` like any user run; the recipe mixes in the
+   base model's own answers to general prompts (replay), so the adapter learns the persona without
+   answering "What is the capital of France?" with its new name;
+3. print `lorafit eval`'s table: the base model and the adapter side by side on the held-out
+   questions (name, maker, distinct answers, general questions still answered right, answers
+   naming the persona). Every answer is in `<output_dir>/eval/eval.md`.
 
-The settings below were tuned on 2 CPU cores: three epochs at a high learning rate (the data set
-is tiny and the answers are near-templates) make SmolLM2-135M answer every held-out question with
-the new name, while the run stays a few minutes long.
+Any `lorafit train` flag after the demo's own overrides the recipe (`lorafit demo --num_train_epochs 2`).
 """
 
 from __future__ import annotations
@@ -20,33 +25,41 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from lorafit.models import EMBEDDED_MODEL
 
 DEFAULT_NAME = "Lorafit Assistant"
 DEFAULT_AUTHOR = "the lorafit team"
-TRAIN_RESOURCE = "identity.jsonl"
+TRAIN_RESOURCE = "identity.jsonl"  # the short identity set the training tests use
 HELDOUT_RESOURCE = "identity_heldout.jsonl"
+PERSONA_RESOURCE = "persona.jsonl"
+PERSONA_EVAL_RESOURCE = "persona_eval.jsonl"
+RECIPE_RESOURCE = "persona.yaml"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lorafit demo", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The demo's own flags, and the rest (passed on to `lorafit train`, over the recipe)."""
+    parser = argparse.ArgumentParser(prog="lorafit demo", description=__doc__.split("\n\n")[0],
+                                     epilog="Other flags go to lorafit train, over the recipe.")
     parser.add_argument("--name", default=DEFAULT_NAME, help="the name the model learns to answer with")
     parser.add_argument("--author", default=DEFAULT_AUTHOR, help="who the model learns it was made by")
     parser.add_argument("--output_dir", default="outputs/demo", help="where the adapter and reports go")
     parser.add_argument("--model_name_or_path", default=None, help="base model (default: the embedded model)")
-    parser.add_argument("--num_train_epochs", type=float, default=3.0)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--lora_rank", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=42)
-    return parser.parse_args(argv)
+    parser.add_argument("--max_new_tokens", type=int, default=48, help="tokens per answer in the final table")
+    return parser.parse_known_args(argv)
 
 
-def identity_records(resource: str, name: str, author: str) -> list[dict]:
-    """The packaged records with {name} and {author} filled in (plain replace: answers may hold braces)."""
+def fill_resource(resource: str, name: str, author: str) -> list[dict]:
+    """A packaged JSONL resource with {name} and {author} filled in, JSON-escaped (a name may hold quotes)."""
     text = resources.files("lorafit.resources").joinpath(resource).read_text(encoding="utf-8")
-    filled = text.replace("{name}", name).replace("{author}", author)
+    escape = lambda value: json.dumps(value, ensure_ascii=False)[1:-1]  # noqa: E731
+    filled = text.replace("{name}", escape(name)).replace("{author}", escape(author))
     return [json.loads(line) for line in filled.splitlines() if line.strip()]
+
+
+identity_records = fill_resource  # the name the training tests use
+
+
+def recipe_path() -> Path:
+    return Path(str(resources.files("lorafit.resources").joinpath(RECIPE_RESOURCE)))
 
 
 def write_jsonl(records: list[dict], path: Path) -> Path:
@@ -75,69 +88,48 @@ def answer_questions(model, tokenizer, questions: list[str], max_new_tokens: int
     return answers
 
 
-def train_arguments(args: argparse.Namespace, train_file: Path, heldout_file: Path) -> list[str]:
-    return [
-        "--model_name_or_path", args.model_name_or_path or EMBEDDED_MODEL,
-        "--train_file", str(train_file), "--validation_file", str(heldout_file),
-        "--output_dir", args.output_dir, "--overwrite_output_dir",
-        "--num_train_epochs", str(args.num_train_epochs), "--learning_rate", str(args.learning_rate),
-        "--warmup_steps", "0.1", "--per_device_train_batch_size", "8",
-        "--lora_rank", str(args.lora_rank), "--lora_alpha", str(2 * args.lora_rank), "--lora_dropout", "0",
-        "--target_modules", "all-linear", "--cutoff_len", "256", "--logging_steps", "1",
-        "--eval_strategy", "epoch", "--eval_on_start", "true", "--save_strategy", "no", "--seed", str(args.seed),
-    ]
-
-
-def mentions(reply: str, text: str) -> bool:
-    return text.lower() in reply.lower()
-
-
-def print_answers(title: str, questions: list[str], answers: list[str]) -> None:
-    print(f"\n=== {title} ===")
-    for question, reply in zip(questions, answers):
-        print(f"Q: {question}\nA: {reply}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args, train_overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
     started = time.perf_counter()
 
-    from transformers import AutoTokenizer
-
-    import lorafit
-    from lorafit.data.templates import set_chat_template
-    from lorafit.models import load_model, load_tokenizer, resolve_model_path
+    from lorafit.evaluate.prompts import read_eval_prompts
+    from lorafit.evaluate.report import format_table, summarize, warnings_for, write_reports
+    from lorafit.evaluate.runner import evaluate_columns
+    from lorafit.infer.options import GenerationOptions
+    from lorafit.models import resolve_model_path
     from lorafit.train import run as train_run
 
-    print("lorafit demo: resolving the base model (the embedded model converts once, then is cached)")
+    print("lorafit demo: resolving the base model (the embedded model converts once, then is cached)", flush=True)
     base = resolve_model_path(args.model_name_or_path)
-    data_dir = Path(args.output_dir) / "data"
-    train_file = write_jsonl(identity_records(TRAIN_RESOURCE, args.name, args.author), data_dir / TRAIN_RESOURCE)
-    heldout = identity_records(HELDOUT_RESOURCE, args.name, args.author)
-    heldout_file = write_jsonl(heldout, data_dir / HELDOUT_RESOURCE)
-    questions = [record["prompt"] for record in heldout]
+    output_dir = Path(args.output_dir)
+    data_dir = output_dir / "data"
+    train_file = write_jsonl(fill_resource(PERSONA_RESOURCE, args.name, args.author), data_dir / PERSONA_RESOURCE)
+    prompts_file = write_jsonl(fill_resource(PERSONA_EVAL_RESOURCE, args.name, args.author),
+                               data_dir / PERSONA_EVAL_RESOURCE)
+    prompts = read_eval_prompts(prompts_file)
 
-    tokenizer = set_chat_template(load_tokenizer(base), "auto")
-    before = answer_questions(load_model(base), tokenizer, questions, args.max_new_tokens)
-    print_answers("before training (held-out questions)", questions, before)
-
-    print(f"=== training a LoRA adapter: '{args.name}' by '{args.author}' ===")
+    print(f"\n=== training a LoRA adapter with the persona recipe: '{args.name}' by '{args.author}' ===", flush=True)
     train_started = time.perf_counter()
-    train_run.main(train_arguments(args, train_file, heldout_file))
+    train_run.main([str(recipe_path()), "--model_name_or_path", base, "--train_file", str(train_file),
+                    "--output_dir", str(output_dir), "--overwrite_output_dir", *train_overrides])
     train_seconds = time.perf_counter() - train_started
 
-    output_dir = Path(args.output_dir)
-    model = lorafit.merge_lora(lorafit.load_adapter(load_model(base), output_dir))  # merged: faster to generate
-    trained_tokenizer = AutoTokenizer.from_pretrained(output_dir)  # saved by training, with its template
-    after = answer_questions(model, trained_tokenizer, questions, args.max_new_tokens)
-    print_answers("after training (same held-out questions)", questions, after)
+    print("\n=== the base model and the adapter on held-out questions (greedy) ===", flush=True)
+    results = evaluate_columns(base, [output_dir], ["base", "adapter"], prompts=prompts,
+                               options=GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0))
+    rows = summarize(prompts, results)
+    print(format_table(rows, ["base", "adapter"]))
+    for note in warnings_for(rows, ["base", "adapter"]):
+        print(f"warning: {note}")
+    write_reports(output_dir / "eval", prompts, results, rows, {"model_name_or_path": base, "adapters": [str(output_dir)]})
+    for question in ("What is the capital of France?", prompts[0].prompt):
+        index = next((i for i, p in enumerate(prompts) if p.prompt == question), None)
+        if index is not None:
+            print(f"\nQ: {question}\n  base:    {results[0].answers[index]}\n  adapter: {results[1].answers[index]}")
 
-    named = sum(mentions(reply, args.name) for reply in after)
-    print(f"answers with the new name '{args.name}': before {sum(mentions(r, args.name) for r in before)}"
-          f"/{len(questions)}, after {named}/{len(questions)}; with the name or the maker "
-          f"'{args.author}': after {sum(mentions(r, args.name) or mentions(r, args.author) for r in after)}"
-          f"/{len(questions)}")
-    print(f"adapter:   {output_dir.resolve()}")
+    named = sum(check.get("name", False) for check in results[1].checks)
+    print(f"\nadapter:   {output_dir.resolve()}")
+    print(f"answers:   {(output_dir / 'eval' / 'eval.md').resolve()}")
     print(f"loss plot: {(output_dir / 'loss.png').resolve()}")
     print(f"training took {train_seconds:.0f}s; the whole demo {time.perf_counter() - started:.0f}s")
     print(f"try it:    lorafit chat --adapter {output_dir}")

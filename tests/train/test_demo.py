@@ -3,7 +3,11 @@ the slow test in test_identity_embedded.py, with the same settings)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lorafit import demo
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_identity_data_is_filled_in_and_held_out_questions_are_new():
@@ -17,12 +21,30 @@ def test_identity_data_is_filled_in_and_held_out_questions_are_new():
     assert not train_prompts & {r["prompt"].lower() for r in heldout}
 
 
+def test_persona_data_is_filled_in_and_held_out_questions_are_new():
+    train = demo.fill_resource(demo.PERSONA_RESOURCE, 'Ada "the Engine"', "Babbage & Co")
+    held_out = demo.fill_resource(demo.PERSONA_EVAL_RESOURCE, 'Ada "the Engine"', "Babbage & Co")
+    assert len(train) >= 60 and sum(any("\u4e00" <= ch <= "\u9fff" for ch in r["prompt"]) for r in train) >= 20
+    for record in train:
+        assert 'Ada "the Engine"' in record["response"] and "Babbage & Co" in record["response"]
+    identity = [r for r in held_out if r["group"] == "identity"]
+    general = [r for r in held_out if r["group"] == "general"]
+    assert len(identity) == 10 and len(general) >= 24
+    assert not {r["prompt"].lower() for r in train} & {r["prompt"].lower() for r in held_out}
+    assert all(r["checks"]["no persona"]["expect_none"] == ['Ada "the Engine"', "Babbage & Co"] for r in general)
+
+
+def test_the_example_recipe_is_the_one_the_demo_runs():
+    assert (REPO / "examples" / "persona.yaml").read_text() == demo.recipe_path().read_text()
+
+
 def test_demo_runs_its_steps_and_reports(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "demo"
-    code = demo.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(out),
-                      "--num_train_epochs", "0.2", "--max_new_tokens", "3"])
+    code = demo.main(["--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--max_new_tokens", "3",
+                      "--num_train_epochs", "0.2", "--replay_prompts", ""])  # a random model finishes no replay
     printed = capsys.readouterr().out
     assert code == 1  # a random tiny model cannot learn a name in a few steps: the demo says so
-    assert "before training" in printed and "after training" in printed and "loss plot:" in printed
-    for name in ("adapter_model.safetensors", "loss.png", "data/identity.jsonl", "data/identity_heldout.jsonl"):
+    assert "group" in printed and "identity" in printed and "kept" in printed and "loss plot:" in printed
+    for name in ("adapter_model.safetensors", "loss.png", "data/persona.jsonl", "data/persona_eval.jsonl",
+                 "eval/eval.md", "eval/eval.json"):
         assert (out / name).is_file(), name

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 BUILTIN = "builtin"
 BUILTIN_RESOURCE = "replay_prompts.jsonl"
 CACHE_VERSION = 1
-GENERATION_BATCH = 16
+GENERATION_BATCH = 64  # decode steps cost little more for 64 rows than for 8 on a CPU: one wave, not eight
 
 
 def prompts_path(choice: str) -> Path:

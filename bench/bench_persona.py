@@ -1,0 +1,140 @@
+"""A persona fine-tune: what it learns and what it breaks, for the plain recipe and examples/persona.yaml.
+
+One run, on the embedded model, on lorafit's persona set (`resources/persona.jsonl`: 80 records,
+45 English and 35 Chinese, name and maker filled in here) and its held-out questions
+(`resources/persona_eval.jsonl`: 10 identity paraphrases, 48 general questions with answer checks):
+
+  plain-5e-4   r=16 all-linear, batch 8, 3 epochs, lr 5e-4 (the usual LoRA setting)
+  plain-1e-3   the same at lr 1e-3 (the old demo's setting)
+  recipe       lorafit train examples/persona.yaml (replay of the base model's own answers ...)
+
+Each `lorafit train` runs as its own process, timed as a whole command; the recipe's replay
+answers are generated in the timed run (a fresh replay cache). Then one `lorafit eval` answers the
+held-out questions with the base model and the three adapters side by side (greedy), and the
+table prints: train time (and ratio to plain-5e-4), final train loss, name and maker on the 10
+identity questions, distinct identity answers, general questions the base answered right that are
+still right ("kept"), and general answers naming the persona ("leaks").
+
+    python bench/bench_persona.py                       # ~15 min on 2 CPU cores
+    python bench/bench_persona.py --name Wren --author "Blue Finch Labs" --runs recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lorafit.demo import fill_resource, write_jsonl
+from lorafit.models import lorafit_home
+
+REPO = Path(__file__).resolve().parents[1]
+PLAIN = ["--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0.05", "--target_modules", "all-linear",
+         "--per_device_train_batch_size", "8", "--num_train_epochs", "3", "--logging_steps", "5",
+         "--save_strategy", "no", "--seed", "42"]
+RUNS = {
+    "plain-5e-4": PLAIN + ["--learning_rate", "5e-4"],
+    "plain-1e-3": PLAIN + ["--learning_rate", "1e-3"],
+    "recipe": None,  # examples/persona.yaml
+}
+
+
+def train(label: str, train_file: Path, out: Path, env: dict) -> float:
+    if RUNS[label] is None:
+        args = [str(REPO / "examples" / "persona.yaml"), "--train_file", str(train_file)]
+    else:
+        args = ["--train_file", str(train_file), *RUNS[label]]
+    command = [sys.executable, "-m", "lorafit", "train", *args, "--output_dir", str(out), "--overwrite_output_dir"]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    (out.parent / f"{label}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        sys.exit(f"{label}: lorafit train failed (exit {done.returncode}); see {out.parent / f'{label}.log'}")
+    return seconds
+
+
+def final_loss(out: Path) -> float | None:
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("loss")]
+    return losses[-1] if losses else None
+
+
+def figures(report: dict, label: str) -> dict:
+    summary = {(row["group"], row["measure"]): row["values"] for row in report["summary"]}
+    prompts = report["prompts"]
+    general = [p for p in prompts if p["group"] == "general"]
+    leaks = sum(not p["answers"][label]["checks"]["no persona"] for p in general)
+    kept = summary.get(("general", "kept"), {}).get(label)
+    base_right = sum(all(p["answers"]["base"]["checks"].values()) for p in general)
+    return {"name": summary[("identity", "name")][label], "maker": summary[("identity", "maker")][label],
+            "distinct": summary[("identity", "distinct")][label]["distinct"],
+            "kept": kept, "base_right": base_right, "leaks": leaks, "general": len(general)}
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="Kestrel")
+    parser.add_argument("--author", default="Ardent Works")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--work_dir", default=None, help="where adapters and logs go (default: a temporary folder)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    args = parser.parse_args()
+    labels = [label for label in args.runs.split(",") if label]
+    unknown = [label for label in labels if label not in RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-persona-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train_file = write_jsonl(fill_resource("persona.jsonl", args.name, args.author), work / "persona.jsonl")
+    prompts = write_jsonl(fill_resource("persona_eval.jsonl", args.name, args.author), work / "persona_eval.jsonl")
+    # A fresh lorafit home (sharing the converted model) so the recipe's replay answers are made in the timed run.
+    home = work / "home"
+    home.mkdir(exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(lorafit_home() / "models", target_is_directory=True)
+    env = {**os.environ, "LORAFIT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+
+    seconds = {}
+    for label in labels:
+        print(f"training {label} ...", flush=True)
+        seconds[label] = train(label, train_file, work / label, env)
+        print(f"  {seconds[label]:.0f} s", flush=True)
+    command = [sys.executable, "-m", "lorafit", "eval", "--prompts", str(prompts), "--output_dir", str(work / "eval"),
+               "--max_new_tokens", str(args.max_new_tokens)]
+    for label in labels:
+        command += ["--adapter", str(work / label)]
+    print("evaluating ...", flush=True)
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    report = json.loads((work / "eval" / "eval.json").read_text())
+
+    reference = seconds.get("plain-5e-4")
+    print(f"\npersona '{args.name}' by '{args.author}', embedded model, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, commit {commit()}\n")
+    print("| run | train s (x plain 5e-4) | final loss | name | maker | distinct identity | general kept | leaks |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label in labels:
+        f = figures(report, label)
+        ratio = f" ({seconds[label] / reference:.2f}x)" if reference else ""
+        kept = f"{f['kept']}/{f['base_right']} ({100 * f['kept'] / f['base_right']:.0f}%)" if f["base_right"] else "-"
+        loss = final_loss(work / label)
+        loss = "-" if loss is None else f"{loss:.3f}"
+        print(f"| {label} | {seconds[label]:.0f}{ratio} | {loss} | {f['name']}/10 | {f['maker']}/10 | "
+              f"{f['distinct']}/10 | {kept} | {f['leaks']}/{f['general']} |")
+    print(f"\nanswers side by side: {work / 'eval' / 'eval.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
