@@ -1,5 +1,5 @@
-"""Bad input through the real CLI (promise 5): `lorafit generate` input files and `lorafit chat`
-stdin. A bad line is one message naming it, exit code 2, no traceback, and nothing generated from
+"""Bad input through the real CLI (promise 5): training data (`lorafit train`, `lorafit data
+inspect`), `lorafit generate` input files and `lorafit chat` stdin. A bad line is one message naming it, exit code 2, no traceback, and nothing generated from
 a file with bad records unless `--on_bad_record skip`. Piped chat input that cannot be answered
 (not UTF-8, too long for the context) is named by line as it happens and the run exits 2; input
 that is fine but odd (control characters, a byte order mark, no final newline, nothing) is answered."""
@@ -78,6 +78,36 @@ def test_generate_with_skip_answers_the_good_lines_and_names_the_others(generate
     assert len(answers) == len(BAD_LINES) + 1 and all(a["prompt"] == "Name a colour." for a in answers)
     skipped_lines = [text.split(": ")[0] for text in stderr.splitlines() if text.startswith("skipping ")]
     assert skipped_lines == [f"skipping {prompts}:{2 * index + 2}" for index in range(len(BAD_LINES))]
+
+
+# Training data: lines the reader once let escape as exceptions, between good records.
+TRAIN_GOOD = json.dumps({"prompt": "What is 2+2?", "response": "4."}).encode()
+TRAIN_BAD_LINES = [
+    (b'{"prompt": "\\ud800", "response": "x"}', "field prompt holds a lone UTF-16 surrogate"),
+    (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+    (b'{"prompt": 1' + b"0" * 5000 + b', "response": "x"}', "more than 4300 digits"),
+    (b'{"prompt": "caf\xe9", "response": "x"}', "invalid UTF-8 (byte 0xe9"),
+    (json.dumps({"instruction": "Hi", "output": "Hello"}).encode(), "keep one format per file"),
+    (b'{"prompt": "a", "response": null}', "missing field 'response'"),
+]
+
+
+def test_train_and_data_inspect_list_every_bad_line_and_write_nothing(tmp_path, tiny_model_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b"\n".join([TRAIN_GOOD, *(raw for raw, _ in TRAIN_BAD_LINES), TRAIN_GOOD]) + b"\n")
+    common = ["--model_name_or_path", tiny_model_dir, "--train_file", str(data),
+              "--data_cache_dir", str(tmp_path / "cache")]
+    runs = {"train": ["train", *common, "--output_dir", str(tmp_path / "run"), "--max_steps", "1"],
+            "data": ["data", "inspect", *common, "--output_dir", str(tmp_path / "inspect")]}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(runs, pool.map(run_cli, runs.values())))
+    for command, result in results.items():
+        stderr = one_error(result, command)
+        assert f"{len(TRAIN_BAD_LINES)} bad records" in stderr
+        for line, (_, phrase) in enumerate(TRAIN_BAD_LINES, start=2):
+            assert any(text.startswith(f"{data}:{line}: ") and phrase in text for text in stderr.splitlines()), phrase
+    assert not (tmp_path / "inspect").exists() and not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["lorafit_config.yaml"]  # nothing from the data
 
 
 CHAT_CASES = [
