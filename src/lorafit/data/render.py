@@ -60,8 +60,10 @@ def check_messages(messages) -> None:
             raise BadRecordError(f"message {index} must be an object with 'role' and 'content', "
                                  f"got {type(message).__name__}")
         for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                raise BadRecordError(f"message {index}: '{key}' must be a string, got {type(message.get(key)).__name__}")
+            value = message.get(key)
+            if not isinstance(value, str):
+                got = "nothing" if value is None else type(value).__name__
+                raise BadRecordError(f"message {index}: '{key}' must be a string, got {got}")
 
 
 def render_text(tokenizer, messages: list[dict], tools=None, add_generation_prompt: bool = False) -> str:
@@ -108,7 +110,8 @@ def render_prompt(tokenizer, messages: list[dict], tools=None) -> list[int]:
 
 
 def trim_after_last_assistant(messages: list[dict]) -> list[dict]:
-    """Drop messages after the last assistant reply: nothing after it is trained or conditions it."""
+    """Drop messages after the last assistant reply: nothing after it is trained or conditions it.
+    The first step of tokenize_conversation and fit_conversation, so it checks the messages too."""
     check_messages(messages)
     last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
     if last is None:
