@@ -66,15 +66,20 @@ def final_loss(out: Path) -> float | None:
 
 
 def figures(report: dict, label: str) -> dict:
-    summary = {(row["group"], row["measure"]): row["values"] for row in report["summary"]}
+    """The issue's measures: name and maker on identity answers, distinct identity answers, general
+    questions the base answered correctly that are still correct ("kept"), and general answers
+    naming the persona ("leaks"), from eval.json."""
     prompts = report["prompts"]
+    identity = [p for p in prompts if p["group"] == "identity"]
     general = [p for p in prompts if p["group"] == "general"]
-    leaks = sum(not p["answers"][label]["checks"]["no persona"] for p in general)
-    kept = summary.get(("general", "kept"), {}).get(label)
-    base_right = sum(all(p["answers"]["base"]["checks"].values()) for p in general)
-    return {"name": summary[("identity", "name")][label], "maker": summary[("identity", "maker")][label],
-            "distinct": summary[("identity", "distinct")][label]["distinct"],
-            "kept": kept, "base_right": base_right, "leaks": leaks, "general": len(general)}
+    checks = lambda p, who: p["answers"][who]["checks"]  # noqa: E731
+    base_right = [p for p in general if checks(p, "base")["correct"]]
+    return {"name": sum(checks(p, label)["name"] for p in identity),
+            "maker": sum(checks(p, label)["maker"] for p in identity),
+            "identity": len(identity),
+            "distinct": len({" ".join(p["answers"][label]["text"].casefold().split()) for p in identity}),
+            "kept": sum(checks(p, label)["correct"] for p in base_right), "base_right": len(base_right),
+            "leaks": sum(not checks(p, label)["no persona"] for p in general), "general": len(general)}
 
 
 def commit() -> str:
@@ -130,8 +135,9 @@ def main() -> int:
         kept = f"{f['kept']}/{f['base_right']} ({100 * f['kept'] / f['base_right']:.0f}%)" if f["base_right"] else "-"
         loss = final_loss(work / label)
         loss = "-" if loss is None else f"{loss:.3f}"
-        print(f"| {label} | {seconds[label]:.0f}{ratio} | {loss} | {f['name']}/10 | {f['maker']}/10 | "
-              f"{f['distinct']}/10 | {kept} | {f['leaks']}/{f['general']} |")
+        n = f["identity"]
+        print(f"| {label} | {seconds[label]:.0f}{ratio} | {loss} | {f['name']}/{n} | {f['maker']}/{n} | "
+              f"{f['distinct']}/{n} | {kept} | {f['leaks']}/{f['general']} |")
     print(f"\nanswers side by side: {work / 'eval' / 'eval.md'}")
     return 0
 
