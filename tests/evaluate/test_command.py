@@ -58,11 +58,12 @@ def test_a_bad_prompts_file_is_one_error_naming_each_line(tmp_path, capsys):
         {"prompt": "bad check", "expect_any": "x", "regex": "("},
         "{not json",
         {"prompt": 3},
+        '{"prompt": "deep", "x": ' + "[" * 5000 + "]" * 5000 + "}",
     ])
     err = run_error(["--prompts", str(prompts)], capsys)
-    assert "3 bad records" in err
+    assert "4 bad records" in err and f"{prompts}:5: " in err
     assert f"{prompts}:2: " in err and "not a valid regular expression" in err
-    assert f"{prompts}:3: not valid JSON" in err
+    assert f"{prompts}:3: invalid JSON" in err
     assert f"{prompts}:4: " in err
     assert f"{prompts}:1:" not in err
 

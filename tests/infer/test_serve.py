@@ -222,6 +222,18 @@ def test_wrong_or_missing_key_is_401(server_url):
     assert response.status_code == 401 and "error" in response.json()
 
 
+def test_the_key_is_compared_in_constant_time(server_url, monkeypatch):
+    """Every key check goes through `hmac.compare_digest` (time independent of where the keys differ)."""
+    import hmac
+
+    seen = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: seen.append((a, b)) or real(a, b))
+    assert httpx.get(f"{server_url}/models", headers={"Authorization": "Bearer not-the-key"}).status_code == 401
+    assert httpx.get(f"{server_url}/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert seen == [(b"not-the-key", API_KEY.encode()), (API_KEY.encode(), API_KEY.encode())]
+
+
 def raw_post(server_url, content, headers=None):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **(headers or {})}
     return httpx.post(f"{server_url}/chat/completions", content=content, headers=headers, timeout=60)

@@ -7,11 +7,11 @@ model loads; every bad line is reported as `path:line: reason` and nothing is ev
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.data.errors import BadRecordsError, DataConfigError
+from lorafit.data.json_records import parse_json, unusable_value
 from lorafit.evaluate.checks import Check, checks_from_record
 from lorafit.infer.batch import messages_from_record
 
@@ -46,12 +46,19 @@ def read_eval_prompts(path: str | Path, flag: str = "--prompts") -> list[EvalPro
             source = f"{path}:{number}"
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-                if text:
-                    prompts.append(prompt_from_record(json.loads(text), source))
+                if not text:
+                    continue
+                record, problem = parse_json(text)
+                if problem is not None:
+                    problems.append((source, problem.reason(with_line=False)))
+                    continue
+                reason = unusable_value(record)
+                if reason is not None:
+                    problems.append((source, reason))
+                    continue
+                prompts.append(prompt_from_record(record, source))
             except UnicodeDecodeError:
                 problems.append((source, "not valid UTF-8"))
-            except json.JSONDecodeError as error:
-                problems.append((source, f"not valid JSON ({error.msg} at column {error.colno})"))
             except ValueError as error:
                 problems.append((source, str(error)))
     if problems:
