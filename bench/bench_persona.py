@@ -79,7 +79,8 @@ def figures(report: dict, label: str) -> dict:
             "identity": len(identity),
             "distinct": len({" ".join(p["answers"][label]["text"].casefold().split()) for p in identity}),
             "kept": sum(checks(p, label)["correct"] for p in base_right), "base_right": len(base_right),
-            "leaks": sum(not checks(p, label)["no persona"] for p in general), "general": len(general)}
+            "leaks": sum(not checks(p, label)["no persona"] for p in general), "general": len(general),
+            "leaks_base_right": sum(not checks(p, label)["no persona"] for p in base_right)}
 
 
 def commit() -> str:
@@ -127,8 +128,9 @@ def main() -> int:
     reference = seconds.get("plain-5e-4")
     print(f"\npersona '{args.name}' by '{args.author}', embedded model, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, commit {commit()}\n")
-    print("| run | train s (x plain 5e-4) | final loss | name | maker | distinct identity | general kept | leaks |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| run | train s (x plain 5e-4) | final loss | name | maker | distinct identity | general kept "
+          "| leaks in kept set | leaks, all general |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label in labels:
         f = figures(report, label)
         ratio = f" ({seconds[label] / reference:.2f}x)" if reference else ""
@@ -137,7 +139,7 @@ def main() -> int:
         loss = "-" if loss is None else f"{loss:.3f}"
         n = f["identity"]
         print(f"| {label} | {seconds[label]:.0f}{ratio} | {loss} | {f['name']}/{n} | {f['maker']}/{n} | "
-              f"{f['distinct']}/{n} | {kept} | {f['leaks']}/{f['general']} |")
+              f"{f['distinct']}/{n} | {kept} | {f['leaks_base_right']}/{f['base_right']} | {f['leaks']}/{f['general']} |")
     print(f"\nanswers side by side: {work / 'eval' / 'eval.md'}")
     return 0
 
