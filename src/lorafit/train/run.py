@@ -184,7 +184,9 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: s
         data_collator=build_collator(config.data, tokenizer), processing_class=tokenizer,
         callbacks=[MetricsReportCallback(config.training.output_dir, title=f"{config.model.model_name_or_path}"),
                    GracefulStopCallback()],
-        base_model_name_or_path=model_path,
+        # A folder is written as an absolute path: a relative one would resolve against wherever
+        # the adapter is loaded from later, and could pick another model.
+        base_model_name_or_path=str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path,
     )
     if trainer.pop_callback(ProgressCallback) is not None:  # tqdm bars on a terminal, plain lines elsewhere
         trainer.add_callback(ReadableProgressCallback() if output_is_terminal() else ReadableLogPrinter())
