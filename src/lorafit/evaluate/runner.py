@@ -102,8 +102,8 @@ def answer_prompts(model, column: Column, prompts: list[EvalPrompt], options, ba
 
 
 @torch.inference_mode()
-def held_out_loss(model, tokenizer, conversations: list, stop_ids: list[int], max_length: int | None,
-                  batch_tokens: int = 4096) -> tuple[float, int]:
+def held_out_loss(model, tokenizer, conversations: list, stop_ids: list[int],
+                  max_length: int | None) -> tuple[float, int]:
     """Mean loss per trained token (assistant turns, end of turn included) over `conversations`."""
     from lorafit.data.render import IGNORE_INDEX, labels_for, tokenize_conversation
 

@@ -42,8 +42,8 @@ def pass_counts(prompts: list[EvalPrompt], results: list[dict[str, bool]]) -> di
 
 @torch.no_grad()
 def answer(model, tokenizer, stop_ids: list[int], prompts: list[EvalPrompt], max_new_tokens: int) -> list[str]:
-    from lorafit.data.render import render_prompt
-    from lorafit.infer.engine import BatchingEngine
+    """Greedy answers from the model being trained (eval mode and the KV cache for the duration)."""
+    from lorafit.evaluate.runner import Column, answer_prompts
     from lorafit.infer.options import GenerationOptions
 
     was_training = model.training
@@ -51,12 +51,9 @@ def answer(model, tokenizer, stop_ids: list[int], prompts: list[EvalPrompt], max
     model.eval()
     model.config.use_cache = True
     try:
-        engine = BatchingEngine(model, tokenizer, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                                max_batch_size=BATCH)
-        options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=0)
-        requests = [engine.submit(render_prompt(tokenizer, list(p.messages)), options) for p in prompts]
-        engine.run_until_idle()
-        return [request.done.result().text.strip() for request in requests]
+        completions = answer_prompts(model, Column("training", None, tokenizer, stop_ids), prompts,
+                                     GenerationOptions(max_new_tokens=max_new_tokens, temperature=0), BATCH)
+        return [completion.text.strip() for completion in completions]
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
