@@ -122,11 +122,11 @@ def test_unknown_keys_warn_and_unsupported_features_refuse(tmp_path, tiny_llama,
     lorafit.save_adapter(lorafit.add_lora(tiny_llama, lorafit.LoraConfig()), tmp_path)
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "some_future_key": 3, "use_dora": False}))
+    config_path.write_text(json.dumps({**config, "some_future_key": 3, "lora_bias": False}))
     lorafit.load_adapter(build_tiny_llama(), tmp_path)
     assert "some_future_key" in caplog.text
-    config_path.write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(UserError, match="use_dora"):
+    config_path.write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(UserError, match="lora_bias"):
         lorafit.load_adapter(build_tiny_llama(), tmp_path)
 
 

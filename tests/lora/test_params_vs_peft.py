@@ -18,11 +18,18 @@ CONFIGS = [
     {"target_modules": "all-linear", "modules_to_save": ["embed_tokens"]},
     {"target_modules": "all-linear", "exclude_modules": ["o_proj"]},
     {"target_modules": ["q_proj", "v_proj"], "r": 4, "use_rslora": True},
+    {"target_modules": "all-linear", "use_dora": True},
+    {"target_modules": ["q_proj", "embed_tokens"], "modules_to_save": ["lm_head"]},
+    {"target_modules": ["q_proj", "v_proj", "down_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj", "v_proj"], "init_lora_weights": "pissa"},
+    {"target_modules": ["q_proj", "v_proj"], "init_lora_weights": "olora", "use_dora": True},
 ]
 GPT2_CONFIGS = [
     {"target_modules": ["c_attn"]},
     {"target_modules": "all-linear"},
     {"target_modules": ["c_attn", "c_proj"], "modules_to_save": ["lm_head"]},
+    {"target_modules": ["c_attn", "wte"], "use_dora": False, "layers_to_transform": None},
+    {"target_modules": ["c_attn"], "use_dora": True},
 ]
 
 

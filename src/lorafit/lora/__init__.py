@@ -2,6 +2,7 @@
 
 from lorafit.lora.adapter_io import load_adapter, read_adapter_config, save_adapter
 from lorafit.lora.config import LoraConfig
+from lorafit.lora.embedding import LoraEmbedding
 from lorafit.lora.inject import (
     add_lora,
     enable_gradient_checkpointing,
@@ -15,7 +16,7 @@ from lorafit.lora.merge import merge_lora, unmerge_lora
 from lorafit.lora.shared_input import share_inputs
 
 __all__ = [
-    "LoraConfig", "LoraLinear", "ModulesToSave", "add_lora", "enable_gradient_checkpointing",
+    "LoraConfig", "LoraEmbedding", "LoraLinear", "ModulesToSave", "add_lora", "enable_gradient_checkpointing",
     "find_target_modules", "load_adapter", "lora_layers", "merge_lora", "print_trainable_parameters",
     "read_adapter_config", "save_adapter", "share_inputs", "trainable_parameters", "unmerge_lora",
 ]

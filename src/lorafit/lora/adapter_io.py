@@ -1,14 +1,18 @@
 """Adapter files in PEFT's layout: `adapter_model.safetensors` + `adapter_config.json`.
 
-Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and
+Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (plus
+`.lora_magnitude_vector` with DoRA; `.lora_embedding_A` / `.lora_embedding_B` on embeddings), and
 `base_model.model.<module path>.<param>` for modules trained in full (PEFT drops the
-`modules_to_save.default` part of the in-memory name). The config
-holds only keys PEFT has understood since 0.6, so old and new PEFT releases load our files. When
-reading, keys that would change the maths if ignored (DoRA, layer selection, LoRA on embeddings...)
-are refused; keys that cannot change a loaded adapter's outputs (initialisation recipes: the
-weights come from the file) and unknown keys left at an empty value are ignored in silence, so the
-warning about the rest fires only when it means something. A load is all or nothing: every tensor
-must find its place, and every adapted module must get its tensors.
+`modules_to_save.default` part of the in-memory name). The config holds only keys PEFT has
+understood since 0.6, plus `use_dora` and `layers_to_transform` / `layers_pattern` when those are on
+(PEFT reads them since 0.9 and 0.3). A PiSSA/OLoRA adapter is written for the original base
+(`lora/init.py`). When reading, PEFT features lorafit lacks, which would change the maths if ignored,
+are refused by name (UNSUPPORTED); keys that cannot change a loaded adapter's outputs (initialisation
+recipes whose weights come from the file) and unknown keys left at an empty value are ignored in
+silence, so the warning about the rest fires only when it means something. An adapter saved by PEFT
+with `init_lora_weights` "pissa..." or "olora" applies to a residual base: lorafit recomputes that
+residual, as PEFT does. A load is all or nothing: every tensor must find its place, and every
+adapted module must get its tensors.
 
 Tensors are read from safetensors first. A pickle file (`adapter_model.bin`) is read only with
 `torch.load(weights_only=True)`; a payload that refuses is a one-line error naming the file.
@@ -28,9 +32,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafit.errors import AdapterMismatchError, UserError
-from lorafit.lora.config import LoraConfig
-from lorafit.lora.inject import add_lora, is_linear, lora_layers, matches, saved_modules
-from lorafit.lora.layer import LoraLinear, ModulesToSave
+from lorafit.lora.config import LoraConfig, rewrites_base, valid_init
+from lorafit.lora.init import file_config_for_original_base, from_original_base, to_original_base
+from lorafit.lora.inject import LORA_LAYERS, add_lora, is_embedding, is_linear, layer_index, lora_layers, saved_modules
+from lorafit.lora.layer import ModulesToSave
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,8 @@ CONFIG_NAME = "adapter_config.json"
 # Config keys that carry meaning for us; everything else in a PEFT config is either a default
 # (checked in _refuse_unsupported) or unknown (warned about).
 READ_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
-             "use_rslora", "init_lora_weights", "fan_in_fan_out", "bias", "rank_pattern", "alpha_pattern"}
+             "use_rslora", "init_lora_weights", "fan_in_fan_out", "bias", "rank_pattern", "alpha_pattern",
+             "use_dora", "layers_to_transform", "layers_pattern"}
 IGNORED_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "revision",
                 "auto_mapping", "peft_version"}
 # Keys recent PEFT writes that cannot change the outputs of a loaded adapter: how its weights were
@@ -49,20 +55,26 @@ IGNORED_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "inference_
 # that are off.
 INERT_KEYS = {"loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
               "megatron_core", "qalora_group_size"}
-# Features that would silently change the result if ignored: (key, value meaning "not used").
-UNSUPPORTED = {"use_dora": (False, None), "layers_to_transform": (None, [],), "layers_pattern": (None, [], ""),
-               "lora_bias": (False, None), "target_parameters": (None, []), "trainable_token_indices": (None, {}),
+# PEFT features lorafit lacks, which would silently change the result if ignored:
+# (key, values meaning "not used"); checked against PEFT 0.21's LoraConfig fields by a test.
+UNSUPPORTED = {"lora_bias": (False, None), "target_parameters": (None, []), "trainable_token_indices": (None, {}),
                "use_qalora": (False, None), "alora_invocation_tokens": (None,), "megatron_config": (None,),
                "layer_replication": (None, []), "use_bdlora": (None, False, {}), "arrow_config": (None, {}),
-               "kasa_config": (None, {})}
+               "kasa_config": (None, {}), "velora_config": (None, {}), "monteclora_config": (None, {}),
+               "ensure_weight_tying": (False, None)}
+# init_lora_weights values of adapters whose outputs do not depend on the initialisation (the weights
+# come from the file), and those that rewrite the base weight in a way lorafit cannot redo.
+INERT_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+UNSUPPORTED_INITS = ("loftq", "corda", "lora_ga")
 EMPTY_VALUES = (None, False, "", [], {})
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live adapter tensors under their file keys (a PiSSA/OLoRA model's as trained, not converted)."""
     state = {}
     for name, layer in lora_layers(model):
-        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        for suffix, tensor in layer.adapter_tensors().items():
+            state[f"{PREFIX}{name}.{suffix}"] = tensor
     for name, wrapper in saved_modules(model):
         for param_name, tensor in wrapper.trained.state_dict().items():
             state[f"{PREFIX}{name}.{param_name}"] = tensor
@@ -73,34 +85,60 @@ def _original_linear_names(module: nn.Module, prefix: str = ""):
     """Names of the linear layers as they were before wrapping (a LoRA layer counts as its base)."""
     for child_name, child in module.named_children():
         name = f"{prefix}{child_name}"
-        if isinstance(child, LoraLinear) or is_linear(child):
+        if isinstance(child, LORA_LAYERS) or is_linear(child) or is_embedding(child):
             yield name
         elif not isinstance(child, ModulesToSave):
             yield from _original_linear_names(child, name + ".")
 
 
-def _target_modules_for_file(model: nn.Module) -> list[str] | str:
-    """The adapted modules as PEFT will re-select them: leaf names when those select exactly this
-    set in this model (the common, readable case), otherwise a regex of the full names."""
+def _peft_selects(names: list[str], leaves: list[str], layers, layers_pattern) -> list[str]:
+    """The names PEFT's rule picks from `names` for a list of leaf names and optional layer indices."""
+    picked = []
+    for name in names:
+        if name in leaves:
+            picked.append(name)
+        elif any(name.endswith("." + leaf) for leaf in leaves):
+            index = layer_index(name, layers_pattern) if layers is not None else None
+            if layers is None or (index is not None and (index == layers if isinstance(layers, int) else index in layers)):
+                picked.append(name)
+    return sorted(picked)
+
+
+def _target_modules_for_file(model: nn.Module, config: LoraConfig) -> dict:
+    """`target_modules` (and the layer selection) as PEFT will re-select the adapted modules: leaf
+    names, with `layers_to_transform` when the run selected layers, if those pick exactly this set in
+    this model (the common, readable case); otherwise a regex of the full names."""
     adapted = sorted(name for name, _ in lora_layers(model))
+    if not adapted:
+        return {"target_modules": None}
     leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
-    if sorted(n for n in _original_linear_names(model) if matches(n, leaves)) == adapted:
-        return leaves
-    return "^(?:" + "|".join(re.escape(name) for name in adapted) + ")$"
+    names = list(_original_linear_names(model))
+    if config.selects_layers:
+        if _peft_selects(names, leaves, config.layers_to_transform, config.layers_pattern) == adapted:
+            return {"target_modules": leaves, "layers_to_transform": config.layers_to_transform,
+                    "layers_pattern": config.layers_pattern}
+    elif _peft_selects(names, leaves, None, None) == adapted:
+        return {"target_modules": leaves}
+    return {"target_modules": "^(?:" + "|".join(re.escape(name) for name in adapted) + ")$"}
 
 
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter of `model` (LoRA tensors and modules_to_save) to folder `path`."""
+    """Write the adapter of `model` (LoRA tensors and modules_to_save) to folder `path`.
+
+    A PiSSA/OLoRA adapter is written for the original base model (rank 2r, `lora/init.py`)."""
     config: LoraConfig | None = getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("this model has no LoRA adapter (call add_lora or load_adapter first)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    layers = dict(lora_layers(model))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    rewritten = any(getattr(layer, "initial_A", None) is not None for layer in layers.values())
+    if rewritten:
+        tensors = to_original_base(tensors, layers, PREFIX)
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    layers = dict(lora_layers(model))
     file_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -108,18 +146,24 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
-        "target_modules": _target_modules_for_file(model) if layers else None,
+        **_target_modules_for_file(model, config),
         "modules_to_save": config.modules_to_save,
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
         "bias": "none",
         "use_rslora": config.use_rslora,
         "init_lora_weights": config.init_lora_weights,
         "inference_mode": True,
     }
+    if config.use_dora:
+        file_config["use_dora"] = True
     if config.rank_pattern:
         file_config["rank_pattern"] = config.rank_pattern
     if config.alpha_pattern:
         file_config["alpha_pattern"] = config.alpha_pattern
+    if rewritten:  # written for the original base: rank 2r, same scaling, a plain LoRA initialisation
+        file_config = file_config_for_original_base(file_config, config.use_rslora)
+    elif rewrites_base(config.init_lora_weights):  # nothing was rewritten (embeddings only)
+        file_config["init_lora_weights"] = True
     (path / CONFIG_NAME).write_text(json.dumps(file_config, indent=2) + "\n")
     return path
 
@@ -145,6 +189,19 @@ def _refuse_unsupported(raw: dict, source: Path) -> None:
                             "(loading it without that feature would give different outputs)")
 
 
+def _init_for_loading(init, source: Path):
+    """PiSSA/OLoRA adapters apply to a residual base: the layers redo that split (as PEFT's loader
+    does); every other initialisation is irrelevant once the weights come from the file."""
+    if isinstance(init, str) and rewrites_base(init) and valid_init(init):
+        return init
+    if init in INERT_INITS:
+        return True
+    why = "it rewrites the base weight in a way lorafit does not reproduce" if init in UNSUPPORTED_INITS else \
+        "an initialisation lorafit does not know"
+    raise UserError(f"{source}: init_lora_weights={init!r} is not supported by lorafit ({why}; loading the "
+                    "adapter without it would give different outputs)")
+
+
 def _is_empty(value) -> bool:
     """None, False, "", [] or {}: how PEFT writes a feature that is off (0 is a value, not 'off')."""
     return any(value == empty and type(value) is type(empty) for empty in EMPTY_VALUES)
@@ -158,7 +215,9 @@ def config_from_file(raw: dict, source: Path) -> LoraConfig:
         logger.warning("%s: ignoring adapter config keys lorafit does not know, set to: %s", source,
                        ", ".join(f"{key}={raw[key]!r}" for key in unknown))
     kwargs = {k: raw[k] for k in READ_KEYS if k in raw and raw[k] is not None}
-    kwargs["init_lora_weights"] = True  # weights come from the file; the init method is irrelevant
+    kwargs["init_lora_weights"] = _init_for_loading(raw.get("init_lora_weights", True), source)
+    if kwargs.get("layers_to_transform") == []:
+        kwargs["layers_to_transform"] = None
     try:
         return LoraConfig(**kwargs)
     except ValueError as error:
@@ -210,13 +269,17 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False) ->
     path = Path(path)
     raw = read_adapter_config(path)
     tensors = read_adapter_tensors(path)
-    if any("lora_embedding_" in key or "lora_magnitude_vector" in key for key in tensors):
-        raise UserError(f"{path}: LoRA on embeddings or DoRA tensors are not supported by lorafit")
     config = config_from_file(raw, path)
     trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
-    add_lora(model, config)
+    try:
+        add_lora(model, config)
+    except UserError as error:
+        raise UserError(f"adapter {path}: {error}") from None
     expected = adapter_state_dict(model)
-    problems = _compare(expected, tensors)
+    # PEFT also saves the table of an adapted embedding (for vocabularies resized before training).
+    base_tables = {f"{PREFIX}{name}.base_layer.weight": layer.base_layer.weight
+                   for name, layer in lora_layers(model) if is_embedding(layer.base_layer)}
+    problems = _compare({**expected, **{k: v for k, v in base_tables.items() if k in tensors}}, tensors)
     if problems:  # all or nothing: the model goes back to the way it came in
         from lorafit.lora.merge import remove_lora
 
@@ -228,7 +291,8 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False) ->
         )
     with torch.no_grad():
         for key, tensor in tensors.items():
-            expected[key].copy_(tensor.to(expected[key].dtype))
+            target = expected.get(key, base_tables.get(key))
+            target.copy_(tensor.to(target.dtype))
     for param in _adapter_parameters(model):
         param.requires_grad_(trainable)
     return model
@@ -253,8 +317,14 @@ def _compare(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], 
     return problems
 
 
+def read_tensors_for(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
+    """A saved adapter's tensors in the live form of `model` (a PiSSA/OLoRA model's trained halves)."""
+    path = Path(path)
+    return from_original_base(read_adapter_tensors(path), dict(lora_layers(model)), PREFIX, str(path))
+
+
 def _adapter_parameters(model: nn.Module):
     for _, layer in lora_layers(model):
-        yield from (layer.lora_A.weight, layer.lora_B.weight)
+        yield from layer.adapter_tensors().values()
     for _, wrapper in saved_modules(model):
         yield from wrapper.trained.parameters()

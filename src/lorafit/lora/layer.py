@@ -27,6 +27,9 @@ large activations, and the update is added inside the second matmul (`addmm`), s
 costs two thin matmuls and one mask over its input. Layers that read the same input (q/k/v,
 gate/up) share that mask and the first matmul (`lora/shared_input.py`); `low_rank_input` below is
 the plain path each group must equal.
+
+Variants are composed in, one module per idea: DoRA's magnitude (`lora/dora.py`), PiSSA/OLoRA
+initialisation (`lora/init.py`); LoRA on embeddings is its own small layer (`lora/embedding.py`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.lora import dora
+from lorafit.lora.config import rewrites_base
 from lorafit.lora.dropout import InputDropout
+from lorafit.lora.init import rewrite_base
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
@@ -55,7 +61,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  scaling: float | None = None, init_lora_weights: bool | str = True,
-                 adapter_dtype: torch.dtype | None = None):
+                 adapter_dtype: torch.dtype | None = None, use_dora: bool = False):
         super().__init__()
         in_features, out_features, fan_in_fan_out = linear_shape(base_layer)
         self.base_layer = base_layer
@@ -75,8 +81,15 @@ class LoraLinear(nn.Module):
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None  # exact copy kept by a reversible merge
         self.reset_lora_parameters(init_lora_weights)
+        # DoRA's magnitude m (lora/dora.py), set from W + s B A once A, B (and a PiSSA base) are final.
+        self.lora_magnitude_vector = dora.init_magnitude(self) if use_dora else None
 
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        if rewrites_base(init_lora_weights):  # PiSSA, OLoRA: A and B from W, W keeps the residual
+            if getattr(self, "initial_A", None) is not None:
+                raise RuntimeError("this layer's base already holds a PiSSA/OLoRA residual; start from a fresh base")
+            rewrite_base(self, init_lora_weights)
+            return
         with torch.no_grad():
             if init_lora_weights == "gaussian":
                 nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
@@ -95,6 +108,13 @@ class LoraLinear(nn.Module):
     @property
     def bias(self):
         return getattr(self.base_layer, "bias", None)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's tensors under the names PEFT's files use after `<module path>.`."""
+        tensors = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        if self.lora_magnitude_vector is not None:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return tensors
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The adapter computes in the activation's dtype, or autocast's when it is on."""
@@ -117,6 +137,8 @@ class LoraLinear(nn.Module):
             h = self.shared_input.low_rank_input(self, x)
         else:
             h = self.low_rank_input(x)
+        if self.lora_magnitude_vector is not None:
+            return dora.output(self, result, h)
         # Scaling B (out x r) instead of the update (tokens x out) saves a pass over the output.
         b = (self.lora_B.weight * self.scaling).to(h.dtype)
         if result.dtype == h.dtype and result.dim() >= 2:
@@ -138,7 +160,11 @@ class LoraLinear(nn.Module):
         weight = self.base_layer.weight
         if keep_original:
             self._unmerged_weight = weight.detach().clone()
-        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        if self.lora_magnitude_vector is not None:
+            merged = dora.merged_weight(self)
+        else:
+            merged = weight.float() + self.delta_weight().to(weight.device)
+        weight.copy_(merged.to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -152,7 +178,8 @@ class LoraLinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        dora_note = ", dora" if self.lora_magnitude_vector is not None else ""
+        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}{dora_note}, merged={self.merged}"
 
 
 class ModulesToSave(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorafit.lora.embedding import LoraEmbedding
 from lorafit.lora.inject import lora_layers, saved_modules
 from lorafit.lora.layer import LoraLinear, ModulesToSave
 
@@ -22,6 +23,8 @@ def merge_lora(model: nn.Module, keep_wrappers: bool = False) -> nn.Module:
     restores them bit for bit.
     """
     for name, layer in list(lora_layers(model)):
+        if isinstance(layer, LoraEmbedding):
+            _untie_output_head(model, layer)
         layer.merge(keep_original=keep_wrappers)
         if not keep_wrappers:
             _replace(model, name, layer.base_layer)
@@ -33,6 +36,21 @@ def merge_lora(model: nn.Module, keep_wrappers: bool = False) -> nn.Module:
         if hasattr(model, "lora_config"):
             del model.lora_config
     return model
+
+
+def _untie_output_head(model: nn.Module, layer: LoraEmbedding) -> None:
+    """An embedding LoRA changes the input table only; an output head sharing that table gets its own
+    copy before the merge, and the config says the two are no longer tied (so a saved model keeps both)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or head.weight is not layer.base_layer.weight:
+        return
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+        if text_config is not None and text_config is not config:
+            text_config.tie_word_embeddings = False
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
@@ -57,4 +75,4 @@ def remove_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["merge_lora", "unmerge_lora", "remove_lora", "LoraLinear", "ModulesToSave"]
+__all__ = ["merge_lora", "unmerge_lora", "remove_lora", "LoraEmbedding", "LoraLinear", "ModulesToSave"]
