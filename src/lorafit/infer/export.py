@@ -145,11 +145,39 @@ def render_probe(tokenizer) -> list[int]:
         return render_prompt(tokenizer, [m for m in PROBE_MESSAGES if m["role"] != "system"])
 
 
-def merge_and_save(args: argparse.Namespace, log=print) -> Path:
-    from transformers import AutoModelForCausalLM
+@dataclass
+class MergedModel:
+    model: object  # a plain transformers model in float32, the adapter folded in
+    tokenizer: object  # the adapter's tokenizer (its training chat template) or the base's
+    stop_token_ids: list[int]  # the template's end-of-turn tokens, then EOS
+    probe: list[int]  # the probe conversation's token ids
+    reference: torch.Tensor  # base + adapter (unmerged, float32) logits on the probe
 
+
+def load_merged_model(adapter: Path, base: str | None, template: str = "auto", trust_remote_code: bool = False,
+                      log=print) -> MergedModel:
+    """Base + adapter folded into one float32 model, checked against the unmerged model on the probe.
+    `lorafit merge` saves it as a folder; `lorafit export --format gguf` writes it as one GGUF file."""
     from lorafit.data.templates import end_of_turn_token_ids
     from lorafit.models import load_model
+
+    tokenizer = load_inference_tokenizer(base, adapter, template, trust_remote_code)
+    probe = render_probe(tokenizer)
+    # Merging happens in fp32 whatever the saved dtype, so the sum W + s B A is not rounded twice.
+    model = load_model(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    load_adapter(model, adapter).eval()  # eval after injection: new LoRA layers start in train mode (dropout)
+    reference = probe_logits(model, probe)
+    merge_lora(model)
+    in_memory = compare_logits(probe_logits(model, probe), reference)
+    if not in_memory.max_abs_diff <= FP32_TOLERANCE * max(1.0, reference.abs().max().item()):
+        raise MergeCheckError(f"the merged model does not reproduce base + adapter ({in_memory.describe()}); "
+                              "nothing was written")
+    log(f"merge check (fp32, in memory): {in_memory.describe()}: OK")
+    return MergedModel(model, tokenizer, end_of_turn_token_ids(tokenizer), probe, reference)
+
+
+def merge_and_save(args: argparse.Namespace, log=print) -> Path:
+    from transformers import AutoModelForCausalLM
 
     output = Path(args.output_dir).expanduser()
     if output.exists() and not output.is_dir():
@@ -162,21 +190,9 @@ def merge_and_save(args: argparse.Namespace, log=print) -> Path:
         if output.exists() and source.exists() and output.resolve() == source.resolve():
             raise UserError(f"--output_dir {output} is {name}'s folder: the merge would delete its input; "
                             "choose another --output_dir")
-    tokenizer = load_inference_tokenizer(base, adapter, args.template, args.trust_remote_code)
-    stop_token_ids = end_of_turn_token_ids(tokenizer)
-    probe = render_probe(tokenizer)
-
-    # Merging happens in fp32 whatever the saved dtype, so the sum W + s B A is not rounded twice.
-    model = load_model(base, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    merged = load_merged_model(adapter, base, args.template, args.trust_remote_code, log)
+    model, tokenizer, probe, reference = merged.model, merged.tokenizer, merged.probe, merged.reference
     dtype = target_dtype(args.dtype, model.config)
-    load_adapter(model, adapter).eval()  # eval after injection: new LoRA layers start in train mode (dropout)
-    reference = probe_logits(model, probe)
-    merge_lora(model)
-    in_memory = compare_logits(probe_logits(model, probe), reference)
-    if not in_memory.max_abs_diff <= FP32_TOLERANCE * max(1.0, reference.abs().max().item()):
-        raise MergeCheckError(f"the merged model does not reproduce base + adapter ({in_memory.describe()}); "
-                              "nothing was written")
-    log(f"merge check (fp32, in memory): {in_memory.describe()}: OK")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -184,10 +200,10 @@ def merge_and_save(args: argparse.Namespace, log=print) -> Path:
     try:
         model.to(dtype)
         model.config.dtype = dtype
-        model.generation_config = generation_config_for(model, tokenizer, stop_token_ids)
+        model.generation_config = generation_config_for(model, tokenizer, merged.stop_token_ids)
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
         tokenizer.save_pretrained(staging)
-        del model  # one model in memory at a time: the reload below is the second
+        del model, merged  # one model in memory at a time: the reload below is the second
 
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype,
                                                         trust_remote_code=args.trust_remote_code).eval()
