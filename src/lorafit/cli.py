@@ -27,6 +27,7 @@ COMMANDS = {
     "chat": ("lorafit.infer.chat", "multi-turn chat with a model and an optional adapter"),
     "generate": ("lorafit.infer.batch", "answer every prompt of a JSONL file"),
     "merge": ("lorafit.infer.export", "fold an adapter into its base and write a full model folder"),
+    "export": ("lorafit.export.command", "an adapter or the merged model as GGUF (llama.cpp, Ollama, LM Studio)"),
     "serve": ("lorafit.infer.serve", "OpenAI-compatible HTTP server"),
     "eval": ("lorafit.evaluate.command", "base model and adapters side by side: checked answers, held-out loss, tasks"),
     "demo": ("lorafit.demo", "the main job on the embedded model (what `make demo` runs)"),

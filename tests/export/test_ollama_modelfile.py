@@ -1,0 +1,55 @@
+"""The Modelfile: ChatML templates become Ollama's TEMPLATE (+ SYSTEM for a default system prompt)."""
+
+from __future__ import annotations
+
+import copy
+
+from export_helpers import export, make_adapter
+from lorafit.data.templates import set_chat_template
+from lorafit.export.ollama import CHATML_TEMPLATE, build_modelfile, chatml_default_system
+
+
+def with_template(tokenizer, name):
+    return set_chat_template(copy.deepcopy(tokenizer), name)
+
+
+def test_smollm2_template_is_chatml_with_a_default_system_prompt(smol_tokenizer):
+    assert chatml_default_system(smol_tokenizer) == (
+        True, "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+
+
+def test_lorafits_chatml_has_no_default_system_and_other_templates_are_not_chatml(tiny_tokenizer):
+    assert chatml_default_system(with_template(tiny_tokenizer, "chatml")) == (True, None)
+    assert chatml_default_system(with_template(tiny_tokenizer, "alpaca")) == (False, None)
+    assert chatml_default_system(with_template(tiny_tokenizer, "default")) == (False, None)
+
+
+def test_modelfile_for_chatml_and_for_other_templates(smol_tokenizer, tiny_tokenizer):
+    im_end = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = build_modelfile("./model.gguf", None, smol_tokenizer, [im_end, im_end]).text()
+    assert text.splitlines()[1:3] == ["FROM ./model.gguf", f'TEMPLATE """{CHATML_TEMPLATE.splitlines()[0]}']
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert text.count("PARAMETER stop") == 1 and 'PARAMETER stop "<|im_end|>"' in text
+
+    alpaca = with_template(tiny_tokenizer, "alpaca")
+    modelfile = build_modelfile("/models/base.gguf", "./lora.gguf", alpaca, [alpaca.eos_token_id])
+    assert modelfile.template is None and modelfile.notes and "not ChatML" in modelfile.notes[0]
+    assert "FROM /models/base.gguf\nADAPTER ./lora.gguf\nPARAMETER stop \"<|im_end|>\"\n" in modelfile.text()
+
+
+def test_chatml_template_text_follows_ollamas_go_template_form():
+    # Every message closed by <|im_end|>, the assistant header opened after a last non-assistant message.
+    assert CHATML_TEMPLATE.startswith("{{- range $i, $_ := .Messages }}")
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}" in CHATML_TEMPLATE
+    assert '{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant\n' in CHATML_TEMPLATE
+    assert CHATML_TEMPLATE.count("{{") == CHATML_TEMPLATE.count("}}")
+
+
+def test_merged_export_writes_a_modelfile_from_the_gguf_beside_it(tiny_bases, tiny_tokenizer, tmp_path, capsys):
+    adapter = make_adapter(tiny_bases["llama"], tmp_path / "adapter", tiny_tokenizer)
+    assert export("--adapter", adapter, "--format", "gguf", "--outtype", "q8_0", "--ollama") == 0
+    assert (adapter / "model-q8_0.gguf").is_file()
+    modelfile = (adapter / "Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf\n" in modelfile and "ADAPTER" not in modelfile
+    assert f'TEMPLATE """{CHATML_TEMPLATE}"""' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert f"ollama create NAME -f {adapter / 'Modelfile'}" in capsys.readouterr().err
