@@ -45,7 +45,22 @@ def test_unwritable_output(adapter, capsys, tmp_path):
     blocker.write_text("not a folder")
     err = fails_cleanly(capsys, tmp_path, "--adapter", adapter, "--format", "gguf-lora",
                         "--output", blocker / "lora.gguf")
-    assert f"--output {blocker / 'lora.gguf'}: cannot write in {blocker}" in err
+    assert f"--output {blocker / 'lora.gguf'}: cannot write there, {blocker} is a file, not a folder" in err
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        probe = read_only / "probe"
+        try:
+            probe.write_text("root ignores permissions")
+        except PermissionError:  # an ordinary user: the folder really is unwritable
+            err = fails_cleanly(capsys, read_only, "--adapter", adapter, "--format", "gguf-lora",
+                                "--output", read_only / "lora.gguf")
+            assert f"cannot write in {read_only} (Permission denied)" in err
+        else:
+            probe.unlink()
+    finally:
+        read_only.chmod(0o700)
 
 
 def test_existing_output_needs_overwrite_and_a_folder_is_refused(adapter, capsys, tmp_path):

@@ -87,6 +87,9 @@ def check_output_path(output: Path, overwrite: bool) -> None:
         raise UserError(f"--output {output} is a folder; give a file name such as {output / 'model.gguf'}")
     if output.exists() and not overwrite:
         raise UserError(f"--output {output} exists: pass --overwrite to replace it")
+    blocking = next((folder for folder in reversed(output.parents) if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--output {output}: cannot write there, {blocking} is a file, not a folder")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         probe_fd, probe_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=output.parent)
