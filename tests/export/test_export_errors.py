@@ -127,6 +127,8 @@ def test_ollama_for_an_adapter_needs_a_base_gguf_unless_the_base_has_one(adapter
     err = fails_cleanly(capsys, tmp_path, "--adapter", adapter, "--format", "gguf-lora", "--ollama",
                         "--ollama_base", tmp_path / "missing.gguf", "--output", tmp_path / "l.gguf")
     assert "no such file" in err
+    err = fails_cleanly(capsys, tmp_path, "--adapter", adapter, "--format", "gguf", "--ollama_base", "qwen2.5:0.5b")
+    assert "--ollama_base" in err and "--format gguf-lora --ollama" in err
     assert export("--adapter", adapter, "--format", "gguf-lora", "--ollama", "--ollama_base", "qwen2.5:0.5b",
                   "--output", tmp_path / "l.gguf") == 0
     assert "FROM qwen2.5:0.5b\nADAPTER ./l.gguf\n" in (tmp_path / "Modelfile").read_text()

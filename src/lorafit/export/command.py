@@ -100,6 +100,8 @@ def main(argv: list[str]) -> int:
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731 (stdout stays free for the result path)
     outtype = args.outtype or DEFAULT_OUTTYPE[args.format]
     wanted, file_type = parse_outtype(outtype)
+    if args.ollama_base and not (args.ollama and args.format == "gguf-lora"):
+        raise UserError("--ollama_base names the base of an adapter's Modelfile: it goes with --format gguf-lora --ollama")
     from lorafit.infer.loading import check_adapter_folder, choose_base_model
 
     adapter = check_adapter_folder(args.adapter)
@@ -149,6 +151,8 @@ def export_merged(args, adapter, base, config, wanted, file_type, output, log):
     plan = plan_model(merged.model, merged.tokenizer, end_of_turn, wanted, file_type, adapter.resolve().name)
     written = write_checked(plan, output, log)
     modelfile = write_ollama(args, adapter, base, None, written, output.parent) if args.ollama else None
+    if modelfile is None:
+        log(f"run it: llama-cli -m {written} -cnv")
     return written, modelfile
 
 
