@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
 
 from export_helpers import export, make_adapter
 from lorafit.data.templates import set_chat_template
@@ -37,12 +43,57 @@ def test_modelfile_for_chatml_and_for_other_templates(smol_tokenizer, tiny_token
     assert "FROM /models/base.gguf\nADAPTER ./lora.gguf\nPARAMETER stop \"<|im_end|>\"\n" in modelfile.text()
 
 
-def test_chatml_template_text_follows_ollamas_go_template_form():
-    # Every message closed by <|im_end|>, the assistant header opened after a last non-assistant message.
-    assert CHATML_TEMPLATE.startswith("{{- range $i, $_ := .Messages }}")
-    assert "<|im_start|>{{ .Role }}\n{{ .Content }}" in CHATML_TEMPLATE
-    assert '{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant\n' in CHATML_TEMPLATE
-    assert CHATML_TEMPLATE.count("{{") == CHATML_TEMPLATE.count("}}")
+GO_RENDERER = """package main
+
+import (
+\t"encoding/json"
+\t"os"
+\t"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+\tsource, _ := os.ReadFile(os.Args[1])
+\tvar conversations [][]Message
+\tdata, _ := os.ReadFile(os.Args[2])
+\tjson.Unmarshal(data, &conversations)
+\ttmpl := template.Must(template.New("chat").Parse(string(source)))
+\tvar rendered []string
+\tfor _, messages := range conversations {
+\t\tvar out stringWriter
+\t\tif err := tmpl.Execute(&out, map[string]any{"Messages": messages}); err != nil {
+\t\t\tpanic(err)
+\t\t}
+\t\trendered = append(rendered, string(out))
+\t}
+\tjson.NewEncoder(os.Stdout).Encode(rendered)
+}
+
+type stringWriter string
+
+func (w *stringWriter) Write(p []byte) (int, error) { *w += stringWriter(p); return len(p), nil }
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs Go (Ollama's template language is Go's text/template)")
+def test_chatml_template_renders_in_go_as_the_jinja_template_does(smol_tokenizer, tmp_path):
+    """Ollama's TEMPLATE is a Go text/template: render it with Go's own package and compare with Jinja."""
+    conversations = [
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+         {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!\nTwo lines."}],
+    ]
+    (tmp_path / "render.go").write_text(GO_RENDERER)
+    (tmp_path / "template.txt").write_text(CHATML_TEMPLATE)
+    (tmp_path / "conversations.json").write_text(json.dumps([[{"Role": m["role"], "Content": m["content"]} for m in c]
+                                                             for c in conversations]))
+    done = subprocess.run(["go", "run", "render.go", "template.txt", "conversations.json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "GO111MODULE": "off"})
+    assert done.returncode == 0, done.stderr
+    expected = [smol_tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                for c in conversations]
+    assert json.loads(done.stdout) == expected
 
 
 def test_merged_export_writes_a_modelfile_from_the_gguf_beside_it(tiny_bases, tiny_tokenizer, tmp_path, capsys):
