@@ -106,6 +106,30 @@ class LoraArguments:
         default=None, metadata={"help": "comma list of modules trained in full, e.g. embed_tokens,lm_head"}
     )
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA: also train a magnitude per output feature (docs/lora_variants.md)"}
+    )
+    init_lora_weights: str = field(
+        default="true",
+        metadata={"help": "adapter initialisation: true (A random, B zero), false, gaussian, pissa, pissa_niter_<K> "
+                          "(fast randomised SVD), olora; pissa/olora adapters are saved for the original base"},
+    )
+    layers_to_transform: Optional[str] = field(
+        default=None,
+        metadata={"help": "adapt only these block indices: a comma list and/or ranges, e.g. 15-29 or 0,2,4-7 "
+                          "(with a list of target_modules or all-linear)"},
+    )
+    layers_pattern: Optional[str] = field(
+        default=None, metadata={"help": "name of the block list the indices refer to (layers, h); default: any"}
+    )
+    loraplus_lr_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "LoRA+: train the B matrices at learning_rate times this ratio (e.g. 16); "
+                          "default: one learning rate for all"},
+    )
+    loraplus_lr_embedding: float = field(
+        default=1e-6, metadata={"help": "LoRA+: learning rate of embedding LoRA (lora_embedding_A/B), as PEFT's"}
+    )
     peft_path: Optional[str] = field(
         default=None, metadata={"help": "continue training this adapter folder (lorafit or PEFT layout)"}
     )
@@ -115,12 +139,58 @@ class LoraArguments:
             raise ArgumentsError(f"--lora_rank must be a positive integer, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ArgumentsError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        self.init_lora_weights = parse_init_lora_weights(self.init_lora_weights)
+        self.layers_to_transform = parse_layer_indices(self.layers_to_transform)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ArgumentsError("--layers_pattern names the block list of --layers_to_transform; "
+                                 "give --layers_to_transform too")
+        if self.loraplus_lr_ratio is not None:
+            if not self.use_peft:
+                raise ArgumentsError("--loraplus_lr_ratio sets the learning rate of LoRA's B matrices; "
+                                     "it cannot be combined with --use_peft false")
+            if not self.loraplus_lr_ratio > 0:
+                raise ArgumentsError(f"--loraplus_lr_ratio must be positive (LoRA+ uses 2-32), "
+                                     f"got {self.loraplus_lr_ratio}")
+        if self.loraplus_lr_embedding < 0:
+            raise ArgumentsError(f"--loraplus_lr_embedding must be at least 0, got {self.loraplus_lr_embedding}")
         if self.peft_path is not None:
             if not self.use_peft:
                 raise ArgumentsError("--peft_path continues a LoRA adapter; "
                                      "it cannot be combined with --use_peft false")
             if not (Path(self.peft_path) / "adapter_config.json").is_file():
                 raise ArgumentsError(f"--peft_path {self.peft_path}: not an adapter folder (no adapter_config.json)")
+
+
+def parse_init_lora_weights(value) -> bool | str:
+    """'true'/'false' (any case) -> bool; the other initialisations stay strings, checked here."""
+    from lorafit.lora.config import INIT_CHOICES, valid_init
+
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    parsed = {"true": True, "false": False}.get(text.lower(), text)
+    if not valid_init(parsed):
+        choices = ", ".join(str(choice).lower() if isinstance(choice, bool) else choice for choice in INIT_CHOICES)
+        raise ArgumentsError(f"--init_lora_weights {value!r}: expected one of {choices} "
+                             "(K a number of iterations, e.g. pissa_niter_4)")
+    return parsed
+
+
+def parse_layer_indices(value) -> list[int] | None:
+    """'15-29' or '0,2,4-7' (or a YAML list / integer) -> sorted indices; None stays None."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "none", "None")):
+        return None
+    if isinstance(value, int):
+        value = [value]
+    parts = [str(v).strip() for v in value] if isinstance(value, list) else str(value).split(",")
+    indices = set()
+    for part in (p.strip() for p in parts if p.strip()):
+        low, dash, high = part.partition("-")
+        if not (low.isdigit() and (not dash or high.isdigit())) or (dash and int(high) < int(low)):
+            raise ArgumentsError(f"--layers_to_transform {value!r}: expected layer indices and ranges such as "
+                                 f"15-29 or 0,2,4-7, got {part!r}")
+        indices.update(range(int(low), int(high if dash else low) + 1))
+    return sorted(indices) or None
 
 
 def split_module_list(value) -> list[str] | str | None:

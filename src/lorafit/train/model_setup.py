@@ -37,12 +37,7 @@ def base_dtype(model_args: ModelArguments, lora_args: LoraArguments, training_ar
 
 def lora_config(lora_args: LoraArguments) -> LoraConfig:
     try:
-        return LoraConfig(
-            r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-            target_modules=split_module_list(lora_args.target_modules),
-            exclude_modules=split_module_list(lora_args.exclude_modules),
-            modules_to_save=split_module_list(lora_args.modules_to_save), use_rslora=lora_args.use_rslora,
-        )
+        return LoraConfig(**_variant_kwargs(lora_args))
     except ValueError as error:
         raise UserError(f"LoRA arguments: {error}") from None
 
@@ -50,12 +45,18 @@ def lora_config(lora_args: LoraArguments) -> LoraConfig:
 def peft_lora_config(lora_args: LoraArguments):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(
+    return PeftLoraConfig(task_type="CAUSAL_LM", **_variant_kwargs(lora_args))
+
+
+def _variant_kwargs(lora_args: LoraArguments) -> dict:
+    """The LoraConfig keyword arguments of `lorafit train`'s LoRA flags (the same names in PEFT)."""
+    return dict(
         r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
         target_modules=split_module_list(lora_args.target_modules),
         exclude_modules=split_module_list(lora_args.exclude_modules),
         modules_to_save=split_module_list(lora_args.modules_to_save), use_rslora=lora_args.use_rslora,
-        task_type="CAUSAL_LM",
+        use_dora=lora_args.use_dora, init_lora_weights=lora_args.init_lora_weights,
+        layers_to_transform=lora_args.layers_to_transform, layers_pattern=lora_args.layers_pattern,
     )
 
 

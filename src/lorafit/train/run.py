@@ -187,6 +187,7 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: s
         # A folder is written as an absolute path: a relative one would resolve against wherever
         # the adapter is loaded from later, and could pick another model.
         base_model_name_or_path=str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path,
+        loraplus_lr_ratio=config.lora.loraplus_lr_ratio, loraplus_lr_embedding=config.lora.loraplus_lr_embedding,
     )
     if trainer.pop_callback(ProgressCallback) is not None:  # tqdm bars on a terminal, plain lines elsewhere
         trainer.add_callback(ReadableProgressCallback() if output_is_terminal() else ReadableLogPrinter())

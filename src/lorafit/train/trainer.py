@@ -19,6 +19,8 @@ What we change:
   (`lorafit.train.checkpoints`), so a killed run never leaves a half-written `checkpoint-N`.
 * a step whose loss or gradient norm is not finite changes no weight (its update is skipped); after
   `--max_nonfinite_steps` such steps in a row training stops, and `nonfinite_stop` says why.
+* LoRA+ (`--loraplus_lr_ratio`): the optimizer the Trainer would build, with the B matrices in
+  parameter groups of their own (`loraplus_parameter_groups`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorafit.errors import UserError
 from lorafit.lora import save_adapter
-from lorafit.lora.adapter_io import PREFIX, WEIGHTS_NAME, adapter_state_dict, read_adapter_tensors
+from lorafit.lora import lora_layers
+from lorafit.lora.adapter_io import PREFIX, WEIGHTS_NAME, adapter_state_dict, read_tensors_for
+from lorafit.lora.init import to_original_base
 from lorafit.train.checkpoints import (TRAINER_STATE, fresh_staging_folder, publish_folder, rotate_checkpoints,
                                       staging_root, storage_errors)
 
@@ -55,7 +59,8 @@ def adapter_tensors_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict
     """
     tensors = {}
     for key, tensor in state_dict.items():
-        if ".lora_A." in key or ".lora_B." in key:
+        if ".lora_A." in key or ".lora_B." in key or key.endswith((".lora_magnitude_vector", ".lora_embedding_A",
+                                                                   ".lora_embedding_B")):
             tensors[PREFIX + key] = tensor
         elif ".modules_to_save.default." in key:
             tensors[PREFIX + key.replace(".modules_to_save.default.", ".")] = tensor  # PEFT's file name
@@ -65,7 +70,7 @@ def adapter_tensors_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict
 def load_adapter_weights(model, path: str | Path) -> None:
     """Copy the adapter tensors saved in `path` into the LoRA layers `model` already has."""
     live = adapter_state_dict(model)
-    saved = read_adapter_tensors(Path(path))
+    saved = read_tensors_for(model, path)  # a PiSSA/OLoRA checkpoint back to the trained halves
     missing, unexpected = live.keys() - saved.keys(), saved.keys() - live.keys()
     if missing or unexpected:
         raise UserError(
@@ -78,10 +83,35 @@ def load_adapter_weights(model, path: str | Path) -> None:
             tensor.copy_(saved[key].to(tensor.dtype))
 
 
+def loraplus_parameter_groups(model, lr: float, ratio: float, lr_embedding: float, weight_decay: float,
+                              decay_names: set[str]) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models").
+
+    With A and B at one learning rate, the update B A learns features inefficiently at large width:
+    B's gradient is scaled by A's output, and the paper shows B should move `ratio` times faster
+    (ratio ~16; up to 2x faster convergence and +1-2% on its tasks at the same cost). PEFT's
+    grouping (`peft.optimizers.create_loraplus_optimizer`): B matrices and every 1-D parameter
+    (DoRA magnitudes) at lr * ratio, embedding LoRA at its own small rate, the rest (A, modules
+    trained in full) at lr; the Trainer's weight decay split is kept.
+    """
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = "embedding" if "lora_embedding_" in name else "B" if "lora_B" in name or param.ndim == 1 else "A"
+        groups.setdefault((kind, name in decay_names), []).append(param)
+    rates = {"A": lr, "B": lr * ratio, "embedding": lr_embedding}
+    return [{"params": params, "lr": rates[kind], "weight_decay": weight_decay if decay else 0.0, "loraplus": kind}
+            for (kind, decay), params in sorted(groups.items())]
+
+
 class LorafitTrainer(Trainer):
-    def __init__(self, *args, base_model_name_or_path: str | None = None, **kwargs):
+    def __init__(self, *args, base_model_name_or_path: str | None = None, loraplus_lr_ratio: float | None = None,
+                 loraplus_lr_embedding: float = 1e-6, **kwargs):
         super().__init__(*args, **kwargs)
         self.base_model_name_or_path = base_model_name_or_path
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_lr_embedding = loraplus_lr_embedding
         self._trained_tokens: int | None = None  # cumulative, restored from the log history on resume
         self._last_log: tuple[float, int] | None = None  # (time, input tokens) at the previous training log
         self._staging_dir: str | None = None  # set while a checkpoint is being written
@@ -89,6 +119,24 @@ class LorafitTrainer(Trainer):
         self._update_skipped = False
         self.nonfinite_streak: list[int] = []  # the steps of the current run of non-finite steps
         self.nonfinite_stop: str | None = None  # why training stopped early on non-finite steps
+
+    # --- LoRA+ -------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        from transformers.trainer import is_optimizer_factory
+
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise UserError(f"--loraplus_lr_ratio cannot be combined with --optim {self.args.optim}, "
+                            "which chooses its own parameter groups")
+        groups = loraplus_parameter_groups(opt_model, self.args.learning_rate, self.loraplus_lr_ratio,
+                                           self.loraplus_lr_embedding, self.args.weight_decay,
+                                           set(self.get_decay_parameter_names(opt_model)))
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     # --- adapter-only saving and loading -------------------------------------------------------
 
@@ -100,7 +148,8 @@ class LorafitTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         save_adapter(self.model, output_dir, base_model_name_or_path=self.base_model_name_or_path)
         if state_dict is not None:  # sharded training: the live parameters are shards, use the gathered copy
-            tensors = adapter_tensors_from_state_dict(state_dict)
+            tensors = to_original_base(adapter_tensors_from_state_dict(state_dict), dict(lora_layers(self.model)),
+                                       PREFIX)
             tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
             save_file(tensors, os.path.join(output_dir, WEIGHTS_NAME), metadata={"format": "pt"})
         if self.processing_class is not None:
