@@ -103,7 +103,8 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 def merges(spec: dict) -> list[str]:
-    """BPE merges as llama.cpp reads them: "left right", a space inside a part written as U+0120 + 256."""
+    """BPE merges as llama.cpp reads them, "left right": a space inside a part (newer tokenizer.json files
+    store pairs, which may hold one) is written as U+0120, as gguf's SpecialVocab does."""
     found = spec.get("model", {}).get("merges") or []
     if found and isinstance(found[0], str):
         return list(found)
