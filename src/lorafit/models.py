@@ -222,13 +222,26 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     device_map=None,
+    quantization=None,
 ):
-    """Load a causal LM. The base weights stay in the load dtype (fp32 unless asked otherwise)."""
+    """Load a causal LM. The base weights stay in the load dtype (fp32 unless asked otherwise).
+
+    With `quantization` (a `lorafit.quant.QuantizationSpec`) the linear layers are quantized by
+    bitsandbytes as they load, onto `device_map` (default: the CPU), and the rest of the model is
+    held in the spec's compute dtype."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     torch_dtype = parse_dtype(dtype)
+    if quantization is not None:
+        from lorafit.quant.bnb import check_device, quantization_config
+
+        kwargs["quantization_config"] = quantization_config(quantization)
+        device_map = {"": "cpu"} if device_map is None else device_map
+        for device in (device_map.values() if isinstance(device_map, dict) else [device_map]):
+            check_device(device)
+        torch_dtype = quantization.compute_dtype
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if attn_implementation:

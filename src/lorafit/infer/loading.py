@@ -50,6 +50,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool 
                        help="weights dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, mps ...")
     group.add_argument("--trust_remote_code", action="store_true", help="allow model code from the Hub (off by default)")
+    group.add_argument("--quantization_bit", type=int, default=None, choices=[4, 8],
+                       help="quantize the base to 4 or 8 bits as it loads (bitsandbytes: pip install "
+                            "'lorafit[qlora]'); the adapter is applied unmerged, in float")
+    group.add_argument("--quant_type", default=None, help="4-bit data type: nf4 (default) or fp4")
+    group.add_argument("--double_quant", default=None, type=_yes_no, metavar="true|false",
+                       help="4-bit: quantize the block scales too (default: true)")
+
+
+def _yes_no(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered not in ("true", "false", "yes", "no", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return lowered in ("true", "yes", "1")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -143,8 +156,12 @@ def load_for_inference(
     device: str = "auto",
     trust_remote_code: bool = False,
     merge: bool = True,
+    quantization=None,
 ) -> LoadedModel:
-    """Base model (+ adapter, merged unless `merge=False`) in eval mode, and its tokenizer."""
+    """Base model (+ adapter, merged unless `merge=False`) in eval mode, and its tokenizer.
+
+    A quantized base (`quantization`, a `lorafit.quant.QuantizationSpec`) keeps its adapter
+    unmerged: merging would round the update into 4/8-bit weights."""
     from lorafit.data.templates import end_of_turn_token_ids
     from lorafit.lora import load_adapter, merge_lora
     from lorafit.models import load_model
@@ -153,12 +170,19 @@ def load_for_inference(
     base = choose_base_model(model_name_or_path, adapter_path)
     target_device = resolve_device(device)
     tokenizer = load_inference_tokenizer(base, adapter_path, template, trust_remote_code)
-    model = load_model(base, dtype=resolve_dtype(dtype, target_device), trust_remote_code=trust_remote_code)
+    if quantization is not None:
+        merge = False
+        model = load_model(base, trust_remote_code=trust_remote_code, quantization=quantization,
+                           device_map={"": str(target_device) if target_device.type != "cuda" else target_device.index or 0})
+    else:
+        model = load_model(base, dtype=resolve_dtype(dtype, target_device), trust_remote_code=trust_remote_code)
     if adapter_path is not None:
         load_adapter(model, adapter_path)
         if merge:
             merge_lora(model)
-    model.to(target_device).eval()
+    if quantization is None:
+        model.to(target_device)  # a quantized model was loaded onto its device
+    model.eval()
     if merge:  # an unmerged adapter's layers stay as they are
         from lorafit.infer.cpu_linear import use_onednn_linear
 
@@ -178,4 +202,12 @@ def load_from_args(args: argparse.Namespace, merge: bool = True) -> LoadedModel:
     return load_for_inference(
         args.model_name_or_path, args.adapter, template=args.template, dtype=args.dtype,
         device=args.device, trust_remote_code=args.trust_remote_code, merge=merge,
+        quantization=quantization_from_args(args),
     )
+
+
+def quantization_from_args(args: argparse.Namespace):
+    from lorafit.quant import QuantizationSpec
+
+    return QuantizationSpec.from_flags(getattr(args, "quantization_bit", None), getattr(args, "quant_type", None),
+                                       getattr(args, "double_quant", None))

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.errors import UserError
 from lorafit.lora import dora
 from lorafit.lora.config import rewrites_base
 from lorafit.lora.dropout import InputDropout
@@ -72,8 +73,13 @@ class LoraLinear(nn.Module):
         self.lora_dropout = InputDropout(lora_dropout)
         self.shared_input = None  # a SharedInputGroup when siblings read the same input
         device = base_layer.weight.device
-        dtype = adapter_dtype or (torch.float32 if base_layer.weight.dtype in (torch.float16, torch.bfloat16)
-                                  else base_layer.weight.dtype)
+        base_dtype = base_layer.weight.dtype  # packed integers for a quantized (QLoRA) base
+        dtype = adapter_dtype or (torch.float32 if base_dtype in (torch.float16, torch.bfloat16)
+                                  or not base_dtype.is_floating_point else base_dtype)
+        if not base_dtype.is_floating_point and (use_dora or rewrites_base(init_lora_weights)):
+            key = "use_dora" if use_dora else f"init_lora_weights={init_lora_weights}"
+            raise UserError(f"{key} needs the base weight itself, and this base is quantized (4/8-bit): "
+                            "train it on the full-precision base")
         if device.type == "meta":
             device = None
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
@@ -158,6 +164,9 @@ class LoraLinear(nn.Module):
         if self.merged:
             return
         weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise UserError("an adapter cannot be merged into quantized (4/8-bit) weights: re-quantizing would "
+                            "round the update away; `lorafit merge` merges into the full-precision base")
         if keep_original:
             self._unmerged_weight = weight.detach().clone()
         if self.lora_magnitude_vector is not None:

@@ -43,6 +43,11 @@ RENAMED = {
     "dtype": "torch_dtype",
     "gradient_checkpointing": "activation_checkpointing",  # transformers 5's name; the old one warns
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+    "quantization_type": "quant_type",       # LLaMA-Factory
+    "double_quantization": "double_quant",
+    "bnb_4bit_quant_type": "quant_type",     # bitsandbytes / PEFT
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
 }
 
 
@@ -78,6 +83,34 @@ class ModelArguments:
         metadata={"help": "compute the output head and loss at trained positions only, in chunks: the same loss "
                           "without the full [tokens x vocab] logits (faster, far less memory); false: the model's own loss"},
     )
+    quantization_bit: Optional[int] = field(
+        default=None,
+        metadata={"help": "QLoRA: quantize the frozen base to 4 or 8 bits as it loads (bitsandbytes: "
+                          "pip install 'lorafit[qlora]'); the adapter stays in float", "choices": [4, 8]},
+    )
+    quant_type: Optional[str] = field(
+        default=None, metadata={"help": "4-bit data type: nf4 (NormalFloat, the default) or fp4"}
+    )
+    double_quant: Optional[bool] = field(
+        default=None, metadata={"help": "4-bit: quantize the block scales too (default: true)"}
+    )
+    compute_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "dtype a quantized layer computes in (default: bfloat16/float16 with --bf16/--fp16, "
+                          "else float32)", "choices": DTYPE_CHOICES},
+    )
+
+    def quantization(self, training_args=None):
+        """The `QuantizationSpec` these flags ask for, or None (its errors name the flag)."""
+        from lorafit.quant import QuantizationSpec
+
+        compute = self.compute_dtype
+        if compute is None and training_args is not None:
+            compute = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else None
+        return QuantizationSpec.from_flags(self.quantization_bit, self.quant_type, self.double_quant, compute)
+
+    def __post_init__(self):
+        self.quantization()  # refuse bad combinations before anything loads
 
 
 @dataclass

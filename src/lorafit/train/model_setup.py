@@ -83,12 +83,29 @@ def attach_adapter(model, lora_args: LoraArguments):
     return add_lora(model, lora_config(lora_args))
 
 
+def quantized_device_map(training_args) -> dict:
+    """bitsandbytes quantizes on the device the weights load to: this process's device."""
+    device = training_args.device
+    return {"": str(device) if device.type != "cuda" else device.index or 0}
+
+
 def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArguments, training_args):
     """Load the base model and attach what will be trained; gradient checkpointing is LoRA-aware."""
+    quantization = model_args.quantization(training_args)
+    if quantization is not None and not lora_args.use_peft:
+        raise UserError("--quantization_bit trains adapters on a frozen quantized base; "
+                        "it cannot be combined with --use_peft false (full fine-tuning)")
     model = load_model(
         model_path, dtype=base_dtype(model_args, lora_args, training_args),
         attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
+        quantization=quantization, device_map=quantized_device_map(training_args) if quantization else None,
     )
+    if quantization is not None:
+        from lorafit.quant.bnb import prepare_for_kbit_training, quantized_layer_count
+
+        prepare_for_kbit_training(model)
+        logger.info("base quantized as it loaded: %s, %d linear layers", quantization.describe(),
+                    quantized_layer_count(model))
     if training_args.activation_checkpointing:
         kwargs = dict(training_args.activation_checkpointing_kwargs or {})
         # Before the adapter goes in, so PEFT and lorafit models get the same treatment.
@@ -99,6 +116,10 @@ def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArgu
     if model_args.attn_implementation in (None, "sdpa"):
         use_training_attention(model)  # per-example attention for packed rows, no mask for right padding
     model = attach_adapter(model, lora_args)
+    if quantization is not None and lora_args.lora_impl == "native":
+        # transformers' marker for "trainable adapters are attached"; without it the Trainer
+        # refuses a quantized model, since it only recognises PEFT's wrapper.
+        model._hf_peft_config_loaded = True
     if model_args.trained_token_loss and lora_args.lora_impl == "native" and not training_args.use_liger_kernel:
         if not use_trained_token_loss(model):
             logger.info("%s keeps its own loss (its head is not a plain linear map)", type(model).__name__)

@@ -1,0 +1,68 @@
+"""`lorafit train --quantization_bit 4|8` end to end on the tiny model: it learns, its adapter is an
+ordinary PEFT adapter, and inference applies it over the same quantized base."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import lorafit
+from lorafit.errors import UserError
+from lorafit.infer.loading import load_for_inference
+from lorafit.models import load_model
+from lorafit.quant import QuantizationSpec
+from lorafit.train import run
+
+pytest.importorskip("bitsandbytes", reason="QLoRA tests need the qlora extra (bitsandbytes)")
+
+
+def losses(output_dir):
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("loss") is not None]
+
+
+@pytest.mark.parametrize("extra", [["--quantization_bit", "4"],
+                                   ["--quantization_bit", "8"],
+                                   ["--quantization_bit", "4", "--quant_type", "fp4", "--packing", "true",
+                                    "--gradient_checkpointing", "true"]])
+def test_qlora_run_learns_and_saves_a_peft_adapter(tmp_path, quick_args, tiny_model_dir, extra):
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run.main(quick_args(out, "--learning_rate", "2e-2", "--max_steps", "6", *extra)) == 0
+    assert losses(out)[-1] < losses(out)[0]
+    assert (out / "adapter_model.safetensors").is_file()
+
+    spec = QuantizationSpec.from_flags(int(extra[1]), *(["fp4"] if "fp4" in extra else []))
+    ids = torch.tensor([[1, 5, 9, 12, 40, 2]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = load_for_inference(tiny_model_dir, str(out), quantization=spec).model
+        theirs = PeftModel.from_pretrained(load_model(tiny_model_dir, quantization=spec), out).eval()
+        assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        base = load_model(tiny_model_dir, quantization=spec).eval()
+        assert not torch.allclose(ours(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)
+
+
+def test_qlora_is_refused_for_full_fine_tuning(tmp_path, quick_args):
+    with pytest.raises(UserError, match="use_peft false"):
+        run.main(quick_args(tmp_path / "run", "--quantization_bit", "4", "--use_peft", "false"))
+
+
+def test_quant_flags_without_the_bit_are_refused(tmp_path, quick_args):
+    with pytest.raises(UserError, match="--quantization_bit"):
+        run.main(quick_args(tmp_path / "run", "--quant_type", "nf4"))
+
+
+def test_the_trained_adapter_loads_on_the_full_precision_base(tmp_path, quick_args, tiny_model_dir):
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run.main(quick_args(out, "--quantization_bit", "4", "--learning_rate", "2e-2")) == 0
+    model = lorafit.load_adapter(load_model(tiny_model_dir), out)
+    lorafit.merge_lora(model)  # full precision: merging is allowed there
