@@ -59,10 +59,20 @@ def test_quant_flags_without_the_bit_are_refused(tmp_path, quick_args):
         run.main(quick_args(tmp_path / "run", "--quant_type", "nf4"))
 
 
-def test_the_trained_adapter_loads_on_the_full_precision_base(tmp_path, quick_args, tiny_model_dir):
+def test_lorafit_merge_merges_into_the_full_precision_base_and_says_so(tmp_path, quick_args, tiny_model_dir,
+                                                                        capsys):
+    from lorafit.infer import export
+
     out = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert run.main(quick_args(out, "--quantization_bit", "4", "--learning_rate", "2e-2")) == 0
-    model = lorafit.load_adapter(load_model(tiny_model_dir), out)
-    lorafit.merge_lora(model)  # full precision: merging is allowed there
+    capsys.readouterr()
+    assert export.main(["--adapter", str(out), "--output_dir", str(tmp_path / "merged")]) == 0
+    assert "trained on a 4-bit quantized base; it is merged into the full-precision base" in capsys.readouterr().err
+    merged = load_model(str(tmp_path / "merged"))
+    assert all(p.dtype.is_floating_point for p in merged.parameters())
+    expected = lorafit.load_adapter(load_model(tiny_model_dir), out).eval()
+    ids = torch.tensor([[1, 5, 9, 12, 40, 2]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-4)

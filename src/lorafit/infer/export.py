@@ -154,6 +154,18 @@ class MergedModel:
     reference: torch.Tensor  # base + adapter (unmerged, float32) logits on the probe
 
 
+def quantized_training_bits(adapter: Path) -> int | None:
+    """`--quantization_bit` of the run that trained `adapter`, from its lorafit_config.yaml (QLoRA)."""
+    import yaml
+
+    path = Path(adapter) / "lorafit_config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return config.get("quantization_bit") if isinstance(config, dict) else None
+
+
 def load_merged_model(adapter: Path, base: str | None, template: str = "auto", trust_remote_code: bool = False,
                       log=print) -> MergedModel:
     """Base + adapter folded into one float32 model, checked against the unmerged model on the probe.
@@ -162,6 +174,10 @@ def load_merged_model(adapter: Path, base: str | None, template: str = "auto", t
     from lorafit.models import load_model
 
     tokenizer = load_inference_tokenizer(base, adapter, template, trust_remote_code)
+    bits = quantized_training_bits(adapter)
+    if bits:
+        log(f"the adapter was trained on a {bits}-bit quantized base; it is merged into the full-precision "
+            "base (merging into quantized weights would round the update away)")
     probe = render_probe(tokenizer)
     # Merging happens in fp32 whatever the saved dtype, so the sum W + s B A is not rounded twice.
     model = load_model(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
