@@ -58,20 +58,26 @@ def parse(argv: list[str]) -> tuple[DataArguments, InspectArguments]:
     return data_args, inspect_args
 
 
-def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
-    """The rendered text with trained tokens marked; decoded run by run so marks fall between tokens."""
-    start, end = ("\033[1;32m", "\033[0m") if color else ("«", "»")
-    pieces, run, trained = [], [], None
+def trained_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The rendered text as (text, trained) runs; decoded run by run so marks fall between tokens.
+    `highlight` prints them, the web page (`lorafit ui`) colours them."""
+    runs, run, trained = [], [], None
     for token, label in zip(input_ids + [None], labels + [None]):
         is_trained = label is not None and label != IGNORE_INDEX
         if token is None or (run and is_trained != trained):
-            text = tokenizer.decode(run)
-            pieces.append(f"{start}{text}{end}" if trained else text)
+            runs.append((tokenizer.decode(run), bool(trained)))
             run = []
         if token is not None:
             run.append(token)
             trained = is_trained
-    return "".join(pieces)
+    return runs
+
+
+def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
+    """The rendered text with trained tokens marked (green on a terminal, «guillemets» otherwise)."""
+    start, end = ("\033[1;32m", "\033[0m") if color else ("«", "»")
+    return "".join(f"{start}{text}{end}" if trained else text
+                   for text, trained in trained_runs(tokenizer, input_ids, labels))
 
 
 def example_record(tokenizer, row: dict) -> dict:
