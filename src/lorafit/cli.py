@@ -30,6 +30,7 @@ COMMANDS = {
     "export": ("lorafit.export.command", "an adapter or the merged model as GGUF (llama.cpp, Ollama, LM Studio)"),
     "serve": ("lorafit.infer.serve", "OpenAI-compatible HTTP server"),
     "eval": ("lorafit.evaluate.command", "base model and adapters side by side: checked answers, held-out loss, tasks"),
+    "ui": ("lorafit.ui.command", "a web page to set up, preview, train, watch and try a fine-tune"),
     "demo": ("lorafit.demo", "the main job on the embedded model (what `make demo` runs)"),
 }
 
