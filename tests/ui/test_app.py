@@ -8,6 +8,8 @@ import contextlib
 import io
 import json
 import re
+import socket
+import time
 
 import httpx
 import pytest
@@ -173,3 +175,37 @@ def test_the_chat_streams_base_and_adapter_answers_and_checks_settings(server, t
                                                   "temperature": 5})
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
     assert client.post("/api/chat/load", json={"adapter": "/no/such"}).json()["error"] == "--adapter /no/such: no such folder"
+
+
+def test_merge_from_the_page_is_lorafit_merge_in_a_child_process(server, tiny_adapter):
+    client, _ = server
+    started = client.post("/api/export", json={"path": str(tiny_adapter), "kind": "merge"}).json()
+    assert started["command"].startswith(f"lorafit merge --adapter {tiny_adapter}")
+    state = started
+    for _ in range(600):
+        if state["state"] != "running":
+            break
+        time.sleep(0.5)
+        state = client.get("/api/export", params={"path": str(tiny_adapter), "kind": "merge"}).json()
+    assert state["state"] == "done", state["log_tail"]
+    assert (tiny_adapter / "merged" / "config.json").is_file()
+    refused = client.post("/api/export", json={"path": str(tiny_adapter), "kind": "zip"})
+    assert refused.status_code == 400 and "unknown export 'zip'" in refused.json()["error"]
+
+
+def test_lorafit_ui_refuses_a_taken_port_and_a_file_as_runs_dir(tmp_path):
+    from lorafit.errors import UserError
+    from lorafit.ui import command
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(UserError, match="cannot listen on 127.0.0.1"):
+            command.main(["--port", str(taken.getsockname()[1]), "--runs_dir", str(tmp_path)])
+    finally:
+        taken.close()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="not a folder"):
+        command.main(["--runs_dir", str(tmp_path / "file")])
+    assert command.build_parser().parse_args([]).runs_dir == "outputs"  # where lorafit train writes by default

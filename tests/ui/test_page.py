@@ -40,6 +40,24 @@ def page(browser, ui_server):
     context.close()
 
 
+def wait_until(page, condition: str, timeout: int = 60_000) -> None:
+    """page.wait_for_function, and on timeout what the page showed (errors, run state, log)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(condition, timeout=timeout)
+    except PlaywrightTimeout:
+        shown = page.evaluate("""() => ({
+            errors: Object.fromEntries([...document.querySelectorAll('[data-error-for]')]
+                .filter((e) => e.textContent).map((e) => [e.dataset.errorFor, e.textContent])),
+            general: document.querySelector('#general-error').textContent,
+            run: document.querySelector('#run-state').textContent,
+            log: document.querySelector('#run-log').textContent.slice(-2000),
+            chat: document.querySelector('#chat-status').textContent + ' ' +
+                  document.querySelector('#chat-error').textContent})""")
+        raise AssertionError(f"timed out waiting for {condition}; the page shows {shown}") from None
+
+
 def fill(page, name: str, value: str) -> None:
     page.fill(f"#f-{name}", value)
 
@@ -70,17 +88,17 @@ def test_bad_input_is_shown_next_to_its_field_with_the_cli_message_and_nothing_s
     fill(page, "train_file", str(ui_data["good"]))
     fill(page, "lora_rank", "abc")
     page.click("#do-start")
-    page.wait_for_function("document.querySelector('[data-error-for=lora_rank]').textContent.length > 0")
+    wait_until(page, "document.querySelector('[data-error-for=lora_rank]').textContent.length > 0")
     assert error_for(page, "lora_rank") == cli_message(["--lora_rank", "abc"])
     fill(page, "lora_rank", "-1")
     page.click("#do-start")
-    page.wait_for_function("document.querySelector('[data-error-for=lora_rank]').textContent.includes('-1')")
+    wait_until(page, "document.querySelector('[data-error-for=lora_rank]').textContent.includes('-1')")
     assert error_for(page, "lora_rank") == cli_message(["--lora_rank", "-1"])
 
     fill(page, "lora_rank", "8")
     fill(page, "train_file", str(ui_data["bad"]))
     page.click("#do-start")
-    page.wait_for_function("document.querySelector('[data-error-for=train_file]').textContent.includes('bad record')")
+    wait_until(page, "document.querySelector('[data-error-for=train_file]').textContent.includes('bad record')")
     message = error_for(page, "train_file")
     assert message.startswith("2 bad records (fix them, or pass --on_bad_record skip):")
     assert f"{ui_data['bad']}:3:" in message and f"{ui_data['bad']}:5:" in message
@@ -113,7 +131,7 @@ def test_show_as_command_and_a_saved_yaml_loads_back(page, ui_data, tmp_path):
     fill(page, "lora_rank", "32")
     fill(page, "extra_args", "")
     page.set_input_files("#load-yaml", str(saved))
-    page.wait_for_function("document.querySelector('#f-lora_rank').value === '4'")
+    wait_until(page, "document.querySelector('#f-lora_rank').value === '4'")
     assert page.input_value("#f-extra_args") == "--save_strategy no"
 
 
@@ -142,17 +160,17 @@ def test_train_watch_the_curve_stop_reload_and_resume(page, ui_server, screensho
     page.click('#tabs button[data-tab="setup"]')
     page.click("#do-start")
     page.wait_for_selector("#train:not([hidden])")
-    page.wait_for_function("Number(document.querySelector('#chart-loss').dataset.points || 0) >= 1",
+    wait_until(page, "Number(document.querySelector('#chart-loss').dataset.points || 0) >= 1",
                            timeout=TIMEOUT_MS)
     first = chart_points(page)
-    page.wait_for_function(f"Number(document.querySelector('#chart-loss').dataset.points || 0) > {first}",
+    wait_until(page, f"Number(document.querySelector('#chart-loss').dataset.points || 0) > {first}",
                            timeout=TIMEOUT_MS)  # the curve grows as the run logs
     assert run_state(page) == "training"
     assert page.inner_text("#run-loss") != "–" and page.inner_text("#run-lr") != "–"
     screenshot(page, "train")
 
     page.click("#run-stop")
-    page.wait_for_function("document.querySelector('#run-state').textContent === 'stopped'", timeout=TIMEOUT_MS)
+    wait_until(page, "document.querySelector('#run-state').textContent === 'stopped'", timeout=TIMEOUT_MS)
     assert page.is_enabled("#run-resume")
     stopped_at = int(page.inner_text("#run-step"))
     assert stopped_at < MAX_STEPS
@@ -163,15 +181,15 @@ def test_train_watch_the_curve_stop_reload_and_resume(page, ui_server, screensho
     page.reload()  # the run is the server's, not the page's
     page.wait_for_selector("body[data-ready=true]")
     page.click('#tabs button[data-tab="train"]')
-    page.wait_for_function("document.querySelector('#run-state').textContent === 'stopped'")
+    wait_until(page, "document.querySelector('#run-state').textContent === 'stopped'")
     assert page.locator("#runs tbody tr").count() == 1
     assert chart_points(page) >= stopped_at
 
     page.click("#run-resume")
-    page.wait_for_function("document.querySelector('#run-state').textContent === 'finished'", timeout=TIMEOUT_MS)
+    wait_until(page, "document.querySelector('#run-state').textContent === 'finished'", timeout=TIMEOUT_MS)
     assert int(page.inner_text("#run-step")) == MAX_STEPS
     assert (ui.runs_dir / "tiny-run" / "adapter_model.safetensors").is_file()
-    page.wait_for_function(f"Number(document.querySelector('#chart-loss').dataset.points) >= {MAX_STEPS}")
+    wait_until(page, f"Number(document.querySelector('#chart-loss').dataset.points) >= {MAX_STEPS}")
     screenshot(page, "finished")
 
 
@@ -179,7 +197,7 @@ def test_chat_with_the_base_model_and_the_fine_tune_side_by_side(page, screensho
     page.click("#run-try")
     page.wait_for_selector("#try:not([hidden])")
     page.click("#chat-load")
-    page.wait_for_function("document.querySelector('#chat-status').textContent === 'ready'", timeout=TIMEOUT_MS)
+    wait_until(page, "document.querySelector('#chat-status').textContent === 'ready'", timeout=TIMEOUT_MS)
     page.fill('#gen-settings input[name="max_tokens"]', "24")
     page.fill("#chat-prompt", "Who are you?")
     page.click("#chat-send")
