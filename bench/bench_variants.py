@@ -1,0 +1,157 @@
+"""LoRA variants side by side: plain LoRA, rsLoRA, DoRA, PiSSA, OLoRA and LoRA+ on the same data, steps and seed.
+
+Each variant is one `lorafit train` command on the embedded model (r=16, alpha 32, all-linear,
+dropout 0.05, batch 8, lr 2e-4, seed 42) over the same slice of `../shared/data/alpaca_en_demo.json`
+(64 training records, 32 other records held out), run as its own process so its peak RSS is its
+own (`wait4`). The table gives the mean training loss of the last 4 steps, the held-out loss at the
+end, the seconds per step (`train_runtime / steps`) and the peak RSS, both relative to plain LoRA.
+Only the LoRA flags differ between runs:
+
+  plain     (none)                          rslora    --use_rslora (scaling alpha/sqrt(r): 8 instead of 2)
+  dora      --use_dora                      pissa     --init_lora_weights pissa
+  olora     --init_lora_weights olora       loraplus  --loraplus_lr_ratio 16
+
+A second table times the adapter alone: forward + backward + AdamW step of plain LoRA and DoRA on
+one fixed batch, interleaved round by round (as bench_train_step.py), which is DoRA's step cost
+without the data pipeline and the run's start-up.
+
+    python bench/bench_variants.py                        # ~25 min on 2 CPU cores
+    python bench/bench_variants.py --variants plain,dora --max_steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
+COMMON = ["--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0.05", "--target_modules", "all-linear",
+          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--learning_rate", "2e-4",
+          "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no", "--seed", "42",
+          "--cutoff_len", "384", "--disable_tqdm", "true"]
+VARIANTS = {
+    "plain": [],
+    "rslora": ["--use_rslora"],
+    "dora": ["--use_dora"],
+    "pissa": ["--init_lora_weights", "pissa"],
+    "olora": ["--init_lora_weights", "olora"],
+    "loraplus": ["--loraplus_lr_ratio", "16"],
+}
+
+
+def write_data(folder: Path, train: int, heldout: int) -> tuple[Path, Path]:
+    records = json.loads(DATA.read_text())
+    train_file, heldout_file = folder / "train.json", folder / "heldout.json"
+    train_file.write_text(json.dumps(records[:train]))
+    heldout_file.write_text(json.dumps(records[-heldout:]))
+    return train_file, heldout_file
+
+
+def train(label: str, train_file: Path, heldout_file: Path, out: Path, max_steps: int, env: dict) -> dict:
+    command = [sys.executable, "-m", "lorafit", "train", "--train_file", str(train_file), "--validation_file",
+               str(heldout_file), *COMMON, *VARIANTS[label], "--max_steps", str(max_steps), "--output_dir", str(out)]
+    log = out.parent / f"{label}.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{label}: lorafit train failed; see {log}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    runtime = [r["train_runtime"] for r in records if "train_runtime" in r][-1]  # the run's summary line
+    eval_loss = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
+    return {"loss": statistics.mean(losses[-4:]), "eval_loss": eval_loss, "step_s": runtime / max_steps,
+            "rss_mb": usage.ru_maxrss / 1024}
+
+
+def adapter_step_cost(steps: int, batch: int, seq: int) -> dict[str, float]:
+    """Median seconds of forward + backward + AdamW step, plain LoRA vs DoRA, interleaved."""
+    import torch
+
+    import lorafit
+    from lorafit.models import load_model, resolve_model_path
+    from lorafit.train.trained_token_loss import use_trained_token_loss
+
+    path = resolve_model_path(None)
+    models = {}
+    for label, dora in (("plain", False), ("dora", True)):
+        model = load_model(path, dtype=torch.float32)
+        model.config.use_cache = False
+        lorafit.add_lora(model, lorafit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                                   use_dora=dora))
+        use_trained_token_loss(model)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        models[label] = (model, optimizer)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (batch, seq))
+    times = {label: [] for label in models}
+
+    def step(model, optimizer):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for model, optimizer in models.values():
+        step(model, optimizer)
+    for _ in range(steps):
+        for label, (model, optimizer) in models.items():
+            started = time.perf_counter()
+            step(model, optimizer)
+            times[label].append(time.perf_counter() - started)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--max_steps", type=int, default=16, help="optimizer steps per variant (16 = 2 epochs)")
+    parser.add_argument("--train_records", type=int, default=64)
+    parser.add_argument("--heldout_records", type=int, default=32)
+    parser.add_argument("--step_rounds", type=int, default=6, help="timed rounds of the adapter-only comparison (0: skip)")
+    args = parser.parse_args()
+    labels = args.variants.split(",")
+    unknown = [label for label in labels if label not in VARIANTS]
+    if unknown or "plain" not in labels:
+        sys.exit(f"--variants: choose among {', '.join(VARIANTS)}, plain included (the reference); got {unknown}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-variants-") as tmp:
+        work = Path(tmp)
+        train_file, heldout_file = write_data(work, args.train_records, args.heldout_records)
+        for label in labels:
+            results[label] = train(label, train_file, heldout_file, work / label, args.max_steps, env)
+            print(f"{label}: {results[label]}", file=sys.stderr, flush=True)
+    plain = results["plain"]
+    machine = f"{os.cpu_count()}-core {platform.machine()}"
+    print(f"\nLoRA variants, embedded model (SmolLM2-135M), {machine}, commit {commit()}: "
+          f"{args.train_records} alpaca records, {args.max_steps} steps of batch 8, r=16 all-linear, lr 2e-4, seed 42; "
+          f"held-out loss on {args.heldout_records} other records\n")
+    print("| variant | final train loss (last 4 steps) | held-out loss | s/step (x plain) | peak RSS MB (x plain) |")
+    print("|---|---:|---:|---:|---:|")
+    for label, r in results.items():
+        print(f"| {label} | {r['loss']:.4f} | {r['eval_loss']:.4f} | {r['step_s']:.2f} ({r['step_s'] / plain['step_s']:.2f}x) "
+              f"| {r['rss_mb']:,.0f} ({r['rss_mb'] / plain['rss_mb']:.2f}x) |")
+    if args.step_rounds > 0:
+        cost = adapter_step_cost(args.step_rounds, batch=8, seq=256)
+        print(f"\nadapter step alone (forward + backward + AdamW, batch 8 x 256 tokens, median of {args.step_rounds} "
+              f"interleaved rounds): plain LoRA {cost['plain']:.2f} s, DoRA {cost['dora']:.2f} s "
+              f"({cost['dora'] / cost['plain']:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()
