@@ -208,3 +208,23 @@ def test_chat_with_the_base_model_and_the_fine_tune_side_by_side(page, screensho
     assert page.inner_text("#chat-error") == ""
     assert page.is_enabled('[data-export="merge"]')
     screenshot(page, "chat")
+
+
+def test_with_a_key_the_page_takes_it_from_the_address_and_drops_it(browser, tmp_path):
+    from ui_helpers import serve_ui
+
+    url, _, stop = serve_ui(tmp_path / "runs", api_key="s3cret")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#key-box:not([hidden])")  # no key: the page asks for one
+        assert "needs its key" in page.inner_text("#general-error")
+        page = context.new_page()  # (a hash change alone would not load the page again)
+        page.goto(url + "/#key=s3cret")
+        page.wait_for_selector("body[data-ready=true]")
+        assert "s3cret" not in page.url
+        assert page.input_value("#f-lora_rank") == "8"
+    finally:
+        context.close()
+        stop()

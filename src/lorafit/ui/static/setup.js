@@ -130,13 +130,17 @@ export function showErrors(errors = {}) {
 }
 
 // Runs `call`; a 422 puts its messages next to their fields (and returns null), others go on top.
+// Only the latest call shows its outcome: an earlier, slower answer never hides a newer one's errors.
+let latestCall = 0;
 export async function withFormErrors(call) {
+  const mine = ++latestCall;
   showGeneralError("");
   try {
     const result = await call();
-    showErrors({});
+    if (mine === latestCall) showErrors({});
     return result;
   } catch (error) {
+    if (mine !== latestCall) return null;
     if (error instanceof ApiError && error.status === 422) {
       showErrors(error.body.errors);
       return null;
@@ -162,8 +166,12 @@ export async function detect() {
   const notes = document.querySelectorAll("[data-note-for]");
   notes.forEach((note) => { note.textContent = ""; });
   if (!document.getElementById("f-train_file").value.trim()) return;
-  const result = await withFormErrors(() => api("/api/detect", { method: "POST", json: { values: formValues() } }));
-  if (!result) return;
+  let result;
+  try {  // a hint only: errors are shown when the user previews, saves or starts
+    result = await api("/api/detect", { method: "POST", json: { values: formValues() } });
+  } catch {
+    return;
+  }
   const formats = [...new Set(Object.values(result.formats))];
   document.querySelector('[data-note-for="data_format"]').textContent = `detected: ${formats.join(", ") || "–"}`;
   document.querySelector('[data-note-for="template"]').textContent = `in force: ${result.template}`;
