@@ -10,7 +10,6 @@ left the page. With LORAFIT_UI_SCREENSHOTS=docs/images each page state is saved 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

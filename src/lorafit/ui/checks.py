@@ -9,6 +9,7 @@ check was about.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from lorafit.errors import UserError
@@ -18,13 +19,11 @@ from lorafit.ui.form import EXTRA_ARGS, FIELDS_BY_NAME, FormError, form_argv
 GENERAL = "form"  # errors that belong to no one field
 _FLAG = re.compile(r"--([A-Za-z_][A-Za-z0-9_]*)")
 _UNKNOWN = re.compile(r"unknown argument '([^']+)'")
-_TRAIN_NAMES: set[str] = set()
 
 
-def train_names() -> set[str]:
-    if not _TRAIN_NAMES:
-        _TRAIN_NAMES.update(valid_names(build_parser()))
-    return _TRAIN_NAMES
+@functools.lru_cache(maxsize=1)
+def train_names() -> frozenset[str]:
+    return frozenset(valid_names(build_parser()))
 
 
 def field_for(message: str, fallback: str = GENERAL) -> str:

@@ -167,13 +167,12 @@ def config_mapping(config: TrainConfig) -> dict:
     """The arguments set explicitly, by name, with the types the parse gave them."""
     from lorafit.train.config_file import _plain
 
-    mapping = {}
-    for name in sorted(config.explicit, key=_argument_order):
-        for section in (config.model, config.data, config.lora, config.training):
-            if name in {f.name for f in fields(section)}:
-                value = section.to_dict()[name] if hasattr(section, "to_dict") else getattr(section, name)
-                mapping[name] = _plain(value)
-    return mapping
+    values = {}
+    for section in (config.model, config.data, config.lora, config.training):
+        # TrainingArguments.to_dict gives enums and the like as they are written back (as config_file does).
+        plain = section.to_dict() if hasattr(section, "to_dict") else {}
+        values |= {f.name: plain.get(f.name, getattr(section, f.name)) for f in fields(section) if f.init}
+    return {name: _plain(values[name]) for name in sorted(config.explicit, key=_argument_order) if name in values}
 
 
 def _argument_order(name: str) -> tuple[int, str]:
