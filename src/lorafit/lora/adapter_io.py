@@ -136,7 +136,6 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     rewritten = any(getattr(layer, "initial_A", None) is not None for layer in layers.values())
     if rewritten:
         tensors = to_original_base(tensors, layers, PREFIX)
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     file_config = {
@@ -164,6 +163,15 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         file_config = file_config_for_original_base(file_config, config.use_rslora)
     elif rewrites_base(config.init_lora_weights):  # nothing was rewritten (embeddings only)
         file_config["init_lora_weights"] = True
+    return write_adapter(path, file_config, tensors)
+
+
+def write_adapter(path: str | Path, file_config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """The two files of an adapter folder, from a config dict and tensors under their file keys."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_NAME),
+              metadata={"format": "pt"})
     (path / CONFIG_NAME).write_text(json.dumps(file_config, indent=2) + "\n")
     return path
 
