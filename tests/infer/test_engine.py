@@ -161,7 +161,7 @@ def test_a_cache_that_cannot_be_spliced_admits_only_into_an_empty_batch():
 
 def test_submit_refuses_what_it_cannot_do(loaded):
     engine = engine_for(loaded, max_batch_size=2)
-    with pytest.raises(ValueError, match="per-row adapters"):
+    with pytest.raises(Exception, match="holds no named adapters"):
         engine.submit([1, 2], GREEDY, adapter_id="other")
     with pytest.raises(Exception, match="at least one token"):
         engine.submit([], GREEDY)

@@ -23,8 +23,9 @@ that would make more than `max_batch_size + max_queued` unfinished ones, and a r
 `timeout` leaves at the first step after its deadline (waiting or running) with finish reason
 "timeout". Cancelled and expired requests leave the waiting queue at every step, so the room
 they held is free at once.
-Each row carries an `adapter_id`, so a later version can give rows of one batch different
-adapters (a per-row adapter index in the LoRA layers); today every row uses the loaded model.
+Each request names its `adapter_id`: on a model holding several named adapters
+(`lorafit.lora.multi.load_adapters`) the rows of one batch are answered by different adapters
+(or the base, None), each row applying its own A and B (`route_rows`) in the same model call.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,6 +45,7 @@ from lorafit.infer.decode_batch import DecodeBatch
 from lorafit.infer.detokenize import IncrementalDecoder
 from lorafit.infer.options import GenerationOptions
 from lorafit.infer.sampling import choose_next_tokens_per_row, make_generator
+from lorafit.lora.multi import route_rows, routing_of
 
 DEFAULT_MAX_BATCH_SIZE = 8
 
@@ -91,7 +94,7 @@ class GenerationRequest:
     options: GenerationOptions
     on_text: TextCallback | None = None
     stop_token_ids: tuple[int, ...] = ()  # end of turn / EOS: the token ends the answer and is not part of it
-    adapter_id: str | None = None  # which adapter answers this row; None: the loaded model (the only one today)
+    adapter_id: str | None = None  # which named adapter answers this row; None: the model as loaded (the base)
     deadline: float | None = None  # time.monotonic() after which it leaves with finish_reason "timeout"
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: Future = field(default_factory=Future)
@@ -156,8 +159,11 @@ class BatchingEngine:
             raise UserError("every prompt needs at least one token")
         if options.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        if adapter_id is not None:
-            raise ValueError("this engine serves one model: per-row adapters are not built yet")
+        routing = routing_of(self.model)
+        if routing is not None:
+            routing.check(adapter_id)
+        elif adapter_id is not None:
+            raise UserError(f"adapter {adapter_id!r} asked for, but this model holds no named adapters")
         if self.context_length is not None and len(prompt) >= self.context_length:
             raise PromptTooLongError(f"the prompt has {len(prompt)} tokens but the model's context length is "
                                      f"{self.context_length}: shorten it")
@@ -273,7 +279,8 @@ class BatchingEngine:
             return
         rows = [self._new_row(request) for request in group]
         try:
-            batch, logits = DecodeBatch.prefill(self.model, [r.request.prompt for r in rows], self.pad_token_id)
+            with self._routed(rows):
+                batch, logits = DecodeBatch.prefill(self.model, [r.request.prompt for r in rows], self.pad_token_id)
             tokens = self._choose(logits, rows)
         except Exception as error:  # only this group is lost; the running batch goes on
             for row in rows:
@@ -301,10 +308,17 @@ class BatchingEngine:
         return group
 
     def _decode(self) -> None:
-        logits = self._batch.step(self.model, self._newest_tokens)
+        with self._routed(self._rows):
+            logits = self._batch.step(self.model, self._newest_tokens)
         self._newest_tokens = self._choose(logits, self._rows)
         self._take_tokens(self._rows, self._newest_tokens)
         self._drop_finished()
+
+    def _routed(self, rows: list[_Row]):
+        """Each row's own adapter for the model calls inside the block (nothing to do without adapters)."""
+        if routing_of(self.model) is None:
+            return nullcontext()
+        return route_rows(self.model, [row.request.adapter_id for row in rows])
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         tokens = choose_next_tokens_per_row(logits, [r.request.options for r in rows], [r.seen for r in rows],

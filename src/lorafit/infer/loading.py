@@ -8,14 +8,19 @@ it (`lorafit.data.templates.set_chat_template`).
 For generation the adapter is folded into the weights (`merge_lora`): same outputs, and no extra
 matrix products per token. On CPU in float32 the linear layers then run through oneDNN
 (`lorafit.infer.cpu_linear`), faster than MKL's sgemm for the few rows a decode step has.
+
+Several adapters (`--adapter NAME=DIR` repeated) stay unmerged on one base, behind switches
+(`lorafit.lora.multi`): `LoadedModel.answerers` lists the base and each adapter, each with the
+tokenizer (chat template) and stop tokens it renders and stops with.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,11 +34,33 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model",
 
 
 @dataclass
+class Answerer:
+    """One way the loaded model answers: as loaded, or through one of its named adapters."""
+
+    name: str  # what clients and outputs call it
+    adapter_id: str | None  # the routing name (`lorafit.lora.multi`); None: the model as loaded
+    tokenizer: object  # renders its prompts: the adapter's own chat template when it saved one
+    stop_token_ids: list[int]
+
+
+@dataclass
 class LoadedModel:
     model: object
     tokenizer: object
     stop_token_ids: list[int]
     name: str  # what to call it (served model id, logs)
+    # The named adapters, when several were loaded side by side (`--adapter NAME=DIR` ...).
+    adapters: list[Answerer] = field(default_factory=list)
+
+    @property
+    def answerers(self) -> list[Answerer]:
+        """Who can answer: the model as loaded (`name`), then each named adapter."""
+        return [Answerer(self.name, None, self.tokenizer, self.stop_token_ids)] + self.adapters
+
+    @property
+    def compared(self) -> list[Answerer]:
+        """What chat and generate answer with: each named adapter, else the model as loaded."""
+        return self.adapters or self.answerers
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
@@ -41,8 +68,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool 
     group.add_argument("--model_name_or_path", default=None,
                        help="base model: a folder or a Hub id (default: the adapter's base, else the embedded "
                             "smollm2-135m-instruct)")
-    group.add_argument("--adapter", default=None, required=adapter_required, metavar="DIR",
-                       help="a LoRA adapter folder (lorafit or PEFT layout)" + ("" if adapter_required else "; optional"))
+    group.add_argument("--adapter", action="append", default=None, required=adapter_required, metavar="[NAME=]DIR",
+                       help="a LoRA adapter folder (lorafit or PEFT layout); repeat it (NAME=DIR) to load several "
+                            "adapters on one base: serve answers each request with the one its `model` names, "
+                            "chat and generate answer with each, side by side")
     group.add_argument("--template", default="auto",
                        help="chat template when the adapter folder carries no tokenizer: auto (the tokenizer's own), "
                             "default, alpaca, chatml, or a .jinja file (default: auto)")
@@ -198,12 +227,64 @@ def _model_name(base: str | None, adapter: Path | None) -> str:
     return Path(base).name if Path(base).expanduser().is_dir() else base
 
 
+def parse_adapter_flags(values: list[str] | None) -> dict[str, Path] | Path | None:
+    """`--adapter` values: one DIR (the adapter folded into the model), or several NAME=DIR / DIR
+    (named adapters side by side; a bare DIR is named after its folder)."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return check_adapter_folder(values[0])
+    adapters: dict[str, Path] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep:
+            name, folder = Path(value).expanduser().resolve().name, value
+        if not name.strip() or not folder.strip():
+            raise UserError(f"--adapter {value!r}: expected NAME=DIR or DIR")
+        if name in adapters:
+            raise UserError(f"--adapter: two adapters are named {name!r}; name them apart with NAME=DIR")
+        adapters[name] = check_adapter_folder(folder)
+    return adapters
+
+
 def load_from_args(args: argparse.Namespace, merge: bool = True) -> LoadedModel:
-    return load_for_inference(
-        args.model_name_or_path, args.adapter, template=args.template, dtype=args.dtype,
-        device=args.device, trust_remote_code=args.trust_remote_code, merge=merge,
-        quantization=quantization_from_args(args),
-    )
+    adapters = parse_adapter_flags(args.adapter)
+    common = dict(template=args.template, dtype=args.dtype, device=args.device,
+                  trust_remote_code=args.trust_remote_code, quantization=quantization_from_args(args))
+    if isinstance(adapters, dict):
+        return load_with_adapters(args.model_name_or_path, adapters, **common)
+    return load_for_inference(args.model_name_or_path, adapters, merge=merge, **common)
+
+
+def load_with_adapters(model_name_or_path: str | None, adapters: dict[str, Path], template: str = "auto",
+                       dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+                       quantization=None) -> LoadedModel:
+    """The base model with several named adapters behind switches (`lorafit.lora.multi`), unmerged:
+    every request or row picks one. Each adapter renders prompts with its own saved tokenizer."""
+    from lorafit.data.templates import end_of_turn_token_ids
+    from lorafit.lora.multi import load_adapters
+
+    bases = {name: adapter_base_model(path) for name, path in adapters.items()}
+    if model_name_or_path is None and len(set(bases.values())) > 1:
+        listed = ", ".join(f"{name}: {base or 'none named'}" for name, base in bases.items())
+        raise UserError(f"the adapters name different base models ({listed}); pass --model_name_or_path "
+                        "with the one they all apply to")
+    base = choose_base_model(model_name_or_path, next(iter(adapters.values())))
+    loaded = load_for_inference(base, None, template=template, dtype=dtype, device=device,
+                                trust_remote_code=trust_remote_code, merge=False, quantization=quantization)
+    try:
+        load_adapters(loaded.model, adapters)
+    except UserError as error:
+        raise UserError(f"--adapter: {error}") from None
+    vocabulary = loaded.tokenizer.get_vocab()
+    answerers = []
+    for name, path in adapters.items():
+        tokenizer = load_inference_tokenizer(base, path, template, trust_remote_code)
+        if tokenizer.get_vocab() != vocabulary:
+            raise UserError(f"--adapter {name}={path}: its tokenizer's vocabulary differs from the base model's "
+                            f"({len(tokenizer)} vs {len(loaded.tokenizer)} tokens); serve it on its own")
+        answerers.append(Answerer(name, name, tokenizer, end_of_turn_token_ids(tokenizer)))
+    return dataclasses.replace(loaded, adapters=answerers)
 
 
 def quantization_from_args(args: argparse.Namespace):

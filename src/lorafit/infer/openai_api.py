@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from lorafit.infer.engine import Completion
@@ -90,7 +91,7 @@ class ChatRequest:
     max_tokens_param: str = "max_tokens"  # or "max_completion_tokens": the field it came in
 
 
-def parse_chat_request(body, defaults: GenerationOptions, served_model: str,
+def parse_chat_request(body, defaults: GenerationOptions, served_model: str | Collection[str],
                        max_new_tokens_limit: int | None = None) -> ChatRequest:
     """Check a decoded JSON body and turn it into messages and generation options; `max_tokens`
     above `max_new_tokens_limit` is refused."""
@@ -99,8 +100,10 @@ def parse_chat_request(body, defaults: GenerationOptions, served_model: str,
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("you must provide a model parameter (a string)", param="model")
-    if model != served_model:
-        raise APIError(404, f"The model {shown(model)} does not exist. This server serves `{served_model}`.",
+    served = (served_model,) if isinstance(served_model, str) else tuple(served_model)
+    if model not in served:
+        listed = ", ".join(f"`{name}`" for name in served)
+        raise APIError(404, f"The model {shown(model)} does not exist. This server serves {listed}.",
                        param="model", code="model_not_found")
     messages = _parse_messages(body.get("messages"))
     _refuse_unsupported(body)
@@ -276,5 +279,7 @@ def chunk(completion_id: str, model: str, delta: dict | None = None, finish: str
     return body
 
 
-def models_response(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "lorafit"}]}
+def models_response(models: str | Collection[str], created: int) -> dict:
+    models = (models,) if isinstance(models, str) else models
+    return {"object": "list",
+            "data": [{"id": model, "object": "model", "created": created, "owned_by": "lorafit"} for model in models]}

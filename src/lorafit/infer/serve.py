@@ -9,6 +9,13 @@ Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (with `"stream": true`:
 events, as the OpenAI API sends them), `GET /health`. Prompts render through the training
 template (`lorafit.data.render.render_prompt`).
 
+Several adapters can share one server: `--adapter NAME=DIR` given more than once loads each on
+the one base (`lorafit.lora.multi`), `/v1/models` lists the base and every NAME, and each request
+picks one by its `model` field. Requests for different adapters still share one running batch:
+each row applies its own adapter's A and B, and gets the greedy answer that adapter gives served
+alone (`tests/infer/test_serve_adapters.py`). Each adapter renders with the chat template saved
+beside it.
+
 Requests are answered together by continuous batching (`lorafit.infer.engine`): one engine thread
 owns the model and runs decode steps; a request joins the running batch between two steps (up to
 `--max_batch_size` rows) and leaves when it finishes, so a short answer never waits for a long one
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -44,7 +52,7 @@ from starlette.requests import ClientDisconnect
 
 from lorafit.errors import UserError
 from lorafit.infer.engine import DEFAULT_MAX_BATCH_SIZE, BatchingEngine, Completion, GenerationRequest, QueueFullError
-from lorafit.infer.loading import LoadedModel, add_model_arguments, load_from_args
+from lorafit.infer.loading import Answerer, LoadedModel, add_model_arguments, load_from_args
 from lorafit.infer.openai_api import (
     APIError,
     ChatRequest,
@@ -90,12 +98,25 @@ class ServedModel:
         self.context_length = self.engine.context_length  # --max_model_len, else the model's
         self.engine_thread = self.engine.start()
 
-    def render(self, chat: ChatRequest) -> list[int]:
+    def answerers(self, served_model: str | None = None) -> dict[str, Answerer]:
+        """Model id -> who answers it: the model as loaded (called `served_model` when given), then
+        each named adapter."""
+        table: dict[str, Answerer] = {}
+        for index, answerer in enumerate(self.loaded.answerers):
+            name = served_model if index == 0 and served_model else answerer.name
+            if name in table:
+                raise UserError(f"two served models would be called {name!r}: rename the adapter (NAME=DIR) "
+                                "or pass --served_model_name")
+            table[name] = dataclasses.replace(answerer, name=name)
+        return table
+
+    def render(self, chat: ChatRequest, answerer: Answerer | None = None) -> list[int]:
         """The prompt's token ids, checked to fit in the context with the answer asked for."""
         from lorafit.data.render import render_prompt
 
+        tokenizer = (answerer or self.loaded.answerers[0]).tokenizer
         try:
-            ids = render_prompt(self.loaded.tokenizer, chat.messages)
+            ids = render_prompt(tokenizer, chat.messages)
         except Exception as error:  # the template refused the conversation (e.g. roles out of order)
             raise bad_request(f"the chat template cannot render these messages: {str(error)[:300]}",
                               param="messages") from None
@@ -103,10 +124,13 @@ class ServedModel:
         return ids
 
     def submit(self, prompt: list[int], options: GenerationOptions, on_text=None,
-               ignore_eos: bool = False) -> GenerationRequest:
+               ignore_eos: bool = False, answerer: Answerer | None = None) -> GenerationRequest:
+        """Queue one answer, by `answerer`'s adapter and with its stop tokens (default: the model as loaded)."""
+        answerer = answerer or self.loaded.answerers[0]
         try:
-            return self.engine.submit(prompt, options, on_text=on_text, stop_token_ids=() if ignore_eos else None,
-                                      timeout=self.limits.timeout_seconds)
+            return self.engine.submit(prompt, options, on_text=on_text,
+                                      stop_token_ids=() if ignore_eos else answerer.stop_token_ids,
+                                      adapter_id=answerer.adapter_id, timeout=self.limits.timeout_seconds)
         except QueueFullError as full:
             raise queue_full(full.max_queued, RETRY_AFTER_SECONDS) from None
 
@@ -115,7 +139,10 @@ class ServedModel:
         self.engine_thread.join(timeout=30)
 
 
-def create_app(served: ServedModel, served_model: str, api_key: str | None = None):
+def create_app(served: ServedModel, served_model: str | None = None, api_key: str | None = None):
+    """The HTTP app; `served_model` is the id of the model as loaded (default: its name), and each
+    named adapter is served under its own name."""
+    answerers = served.answerers(served_model)
     @asynccontextmanager
     async def lifespan(_app):
         yield
@@ -154,23 +181,24 @@ def create_app(served: ServedModel, served_model: str, api_key: str | None = Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served_model}
+        return {"status": "ok", "model": next(iter(answerers)), "models": list(answerers)}
 
     @app.get("/v1/models")
     async def list_models(request: Request):
         check_key(request)
-        return models_response(served_model, started)
+        return models_response(list(answerers), started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request)
         body = await read_json_body(request, served.limits.max_body_bytes)
-        chat = parse_chat_request(body, served.defaults, served_model, served.limits.max_new_tokens_limit)
-        prompt = await asyncio.to_thread(served.render, chat)  # a long prompt must not hold up the event loop
+        chat = parse_chat_request(body, served.defaults, list(answerers), served.limits.max_new_tokens_limit)
+        answerer = answerers[chat.model]
+        prompt = await asyncio.to_thread(served.render, chat, answerer)  # a long prompt must not hold up the loop
         if chat.stream:
-            return EngineStream(served, prompt, chat)
+            return EngineStream(served, prompt, chat, answerer)
         completion = await complete_unless_client_leaves(served, request, prompt, chat.options,
-                                                         ignore_eos=chat.ignore_eos)
+                                                         ignore_eos=chat.ignore_eos, answerer=answerer)
         if completion is None or completion.finish_reason == "cancelled":  # the client left; nobody reads this
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if completion.finish_reason == "timeout":
@@ -181,10 +209,11 @@ def create_app(served: ServedModel, served_model: str, api_key: str | None = Non
 
 
 async def complete_unless_client_leaves(served: ServedModel, request, prompt: list[int], options: GenerationOptions,
-                                        *, ignore_eos: bool = False, poll_seconds: float = 0.25) -> Completion | None:
+                                        *, ignore_eos: bool = False, poll_seconds: float = 0.25,
+                                        answerer: Answerer | None = None) -> Completion | None:
     """A non-streaming answer; a client that disconnects leaves the batch at the next step (or never
     joins it, while it waits for room), so no step is spent on answers nobody reads."""
-    job = served.submit(prompt, options, ignore_eos=ignore_eos)  # 429 here when the queue is full
+    job = served.submit(prompt, options, ignore_eos=ignore_eos, answerer=answerer)  # 429 here when the queue is full
 
     async def watch() -> None:
         while not await request.is_disconnected():
@@ -205,7 +234,7 @@ class EngineStream(StreamingResponse):
     leaves the batch when the response ends however it ends (client gone before or during the
     stream, server shutting down)."""
 
-    def __init__(self, served: ServedModel, prompt: list[int], chat: ChatRequest):
+    def __init__(self, served: ServedModel, prompt: list[int], chat: ChatRequest, answerer: Answerer | None = None):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -216,7 +245,7 @@ class EngineStream(StreamingResponse):
                 self.job.cancel()
 
         self.job = served.submit(prompt, chat.options, on_text=lambda text: send("text", text),
-                                 ignore_eos=chat.ignore_eos)
+                                 ignore_eos=chat.ignore_eos, answerer=answerer)
         self.job.done.add_done_callback(lambda done: send("done", done))
         self.chat, self.timeout = chat, served.limits.request_timeout
         super().__init__(self.events_until_done(), media_type="text/event-stream",
@@ -295,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on every /v1 request (default: $LORAFIT_API_KEY, else none)")
     group.add_argument("--served_model_name", default=None,
                        help="the model id clients send and /v1/models lists (default: the adapter folder's name, "
-                            "else the model's)")
+                            "else the model's); with several named adapters, the base model's id (each adapter "
+                            "is served under its NAME)")
     group.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                        help="the most requests decoded together; later ones join as answers finish "
                             f"(continuous batching; default: {DEFAULT_MAX_BATCH_SIZE}; 1 answers one at a time)")
@@ -323,11 +353,16 @@ def main(argv: list[str]) -> int:
     except BaseException:  # e.g. --max_model_len beyond the model: the port is free again at once
         sock.close()
         raise
-    served_model = args.served_model_name or loaded.name
-    app = create_app(served, served_model, api_key=args.api_key)
+    try:
+        app = create_app(served, args.served_model_name, api_key=args.api_key)
+    except BaseException:
+        served.close()
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"lorafit serve: model '{served_model}' at http://{shown_host}:{port}/v1"
+    names = ", ".join(f"'{name}'" for name in served.answerers(args.served_model_name))
+    print(f"lorafit serve: model{'s' if len(served.loaded.answerers) > 1 else ''} {names} at http://{shown_host}:{port}/v1"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
