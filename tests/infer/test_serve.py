@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,13 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from lorafit.data.render import render_prompt
 from lorafit.infer.loading import load_for_inference
 from lorafit.infer.options import GenerationOptions
 from lorafit.infer.serve import ServedModel, create_app
 from lorafit.infer.serve_limits import ServeLimits
+from server_helpers import running_app
 
 API_KEY = "test-key-123"
 MODEL = "tiny"
@@ -38,20 +37,8 @@ def served(loaded):
 @pytest.fixture(scope="module")
 def server_url(served):
     """A real uvicorn server on a free port of 127.0.0.1, in a background thread."""
-    app = create_app(served, MODEL, api_key=API_KEY)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_app(create_app(served, MODEL, api_key=API_KEY)) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture

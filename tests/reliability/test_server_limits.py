@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import socket
 import threading
 import time
 
@@ -16,12 +15,12 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from lorafit.infer.loading import load_for_inference
 from lorafit.infer.options import GenerationOptions
 from lorafit.infer.serve import ServedModel, create_app
 from lorafit.infer.serve_limits import ServeLimits
+from server_helpers import running_app
 
 MODEL = "tiny"
 LONG = {"temperature": 0, "ignore_eos": True}  # runs to max_tokens, whatever the tiny model says
@@ -46,22 +45,12 @@ def loaded(tiny_model_dir):
 def running_server(served: ServedModel, api_key: str | None = None):
     """A real uvicorn server for `served` on a free port of 127.0.0.1, in a thread; yields its /v1
     address. Its log goes to the root logger (log_config=None), where caplog sees it."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    server = uvicorn.Server(uvicorn.Config(create_app(served, MODEL, api_key=api_key), log_config=None,
-                                           log_level="info", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
+    app = create_app(served, MODEL, api_key=api_key)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        with running_app(app, backlog=128, stop_seconds=30, log_config=None, log_level="info",
+                     access_log=False) as url:
+            yield f"{url}/v1"
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         served.close()
 
 

@@ -5,39 +5,26 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import threading
-import time
 from pathlib import Path
+
+from server_helpers import start_server
 
 BROWSER_ENV = "LORAFIT_UI_BROWSER"  # a Chromium binary, when it is not on PATH as chromium
 
 
 def serve_ui(runs_dir: Path, api_key: str | None = None):
     """Start the page's server in a thread; returns (base url, UiState, stop function)."""
-    import uvicorn
-
     from lorafit.ui.app import UiState, create_app
 
     ui = UiState(runs_dir)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(create_app(ui, api_key=api_key), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the page's server did not start"
-        time.sleep(0.02)
+    url, stop_server = start_server(create_app(ui, api_key=api_key))
 
     def stop():
         ui.jobs.stop_all(signal.SIGKILL)
         ui.chat.close()
-        server.should_exit = True
-        thread.join(timeout=10)
+        stop_server()
 
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", ui, stop
+    return url, ui, stop
 
 
 def chromium_path() -> str | None:
