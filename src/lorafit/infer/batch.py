@@ -2,7 +2,8 @@
 
 Input lines are `{"prompt": ..., "system"?: ..., "history"?: [[user, assistant], ...]}` (the
 training format) or `{"messages": [{"role", "content"}, ...]}`. Each output line is the input
-object plus `"response"`. Prompts are answered by continuous batching (`lorafit.infer.engine`), and
+object plus `"response"`; with `--adapter` given more than once, plus `"responses": {name: answer}`,
+every adapter's answer side by side (their rows share one batch). Prompts are answered by continuous batching (`lorafit.infer.engine`), and
 a line is written (and flushed) as soon as it and every line before it are answered, so a stopped
 run keeps a whole prefix of the file; `--resume` continues it.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.errors import UserError
@@ -37,6 +38,8 @@ class PromptRecord:
     record: dict  # the input object, echoed to the output
     messages: list[dict]
     prompt_ids: list[int] | None = None  # the rendered prompt, filled in by `render_prompts`
+    # with several adapters: each adapter's rendering (its own chat template), by adapter name
+    prompts: dict[str, list[int]] = field(default_factory=dict)
 
 
 def messages_from_record(record) -> list[dict]:
@@ -127,14 +130,22 @@ def render_prompts(loaded: LoadedModel, records: list[PromptRecord], on_bad_reco
     limit = context_length(loaded.model)
     kept, problems = [], []
     for item in records:
-        try:
-            item.prompt_ids = render_prompt(loaded.tokenizer, item.messages)
-        except ValueError as error:  # the template refused the conversation
-            problems.append((item.source, f"the chat template cannot render it: {error}"))
+        problem = None
+        for answerer in loaded.compared:
+            where = f" of {answerer.name}" if loaded.adapters else ""
+            try:
+                ids = render_prompt(answerer.tokenizer, item.messages)
+            except ValueError as error:  # the template refused the conversation
+                problem = f"the chat template{where} cannot render it: {error}"
+                break
+            if limit is not None and len(ids) >= limit:
+                problem = f"the prompt{where} has {len(ids)} tokens; the model's context is {limit}"
+                break
+            item.prompts[answerer.name] = ids
+        if problem is not None:
+            problems.append((item.source, problem))
             continue
-        if limit is not None and len(item.prompt_ids) >= limit:
-            problems.append((item.source, f"the prompt has {len(item.prompt_ids)} tokens; the model's context is {limit}"))
-            continue
+        item.prompt_ids = item.prompts[loaded.compared[0].name]
         kept.append(item)
     if problems and on_bad_record == "error":
         from lorafit.data.errors import BadRecordsError
@@ -163,9 +174,13 @@ def answer_all(loaded: LoadedModel, records: list[PromptRecord], options: Genera
     length, so those prefilled together need little padding; an answer is written as soon as every
     line before it is, so a stopped run keeps a whole prefix of the file. With a seed, record i
     (counted from the start of the file, `first_index` for a resumed run) samples with seed + i,
-    so its answer depends neither on its neighbours nor on where a run was resumed."""
-    if any(item.prompt_ids is None for item in records):
+    so its answer depends neither on its neighbours nor on where a run was resumed.
+
+    With several adapters each record is answered by every adapter (their rows share the batch)
+    and its line holds `"responses": {adapter name: answer}` instead of `"response"`."""
+    if any(not item.prompts for item in records):
         records, _ = render_prompts(loaded, records)
+    answerers = loaded.compared
     engine = BatchingEngine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.stop_token_ids,
                             pad_token_id=loaded.tokenizer.pad_token_id, max_batch_size=batch_size)
     requests = [None] * len(records)
@@ -173,14 +188,18 @@ def answer_all(loaded: LoadedModel, records: list[PromptRecord], options: Genera
     for start in range(0, len(records), window):
         for index in sorted(range(start, min(start + window, len(records))), key=lambda i: len(records[i].prompt_ids)):
             seed = None if options.seed is None else (options.seed + first_index + index) % 2**64
-            requests[index] = engine.submit(records[index].prompt_ids, options.updated(seed=seed))
+            requests[index] = [engine.submit(records[index].prompts[a.name], options.updated(seed=seed),
+                                             stop_token_ids=a.stop_token_ids, adapter_id=a.adapter_id)
+                               for a in answerers]
     written = 0
     while written < len(records):
         engine.step()
         ready = written
-        while ready < len(records) and requests[ready].done.done():
-            completion = requests[ready].done.result()
-            output.write(json.dumps({**records[ready].record, "response": completion.text}, ensure_ascii=False) + "\n")
+        while ready < len(records) and all(request.done.done() for request in requests[ready]):
+            texts = [request.done.result().text for request in requests[ready]]
+            answer = {"responses": {a.name: text for a, text in zip(answerers, texts)}} if loaded.adapters \
+                else {"response": texts[0]}
+            output.write(json.dumps({**records[ready].record, **answer}, ensure_ascii=False) + "\n")
             ready += 1
         if ready > written:
             output.flush()

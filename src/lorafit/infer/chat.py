@@ -10,6 +10,10 @@ message and gets one answer, followed by a newline, so it can be scripted:
 
     printf 'Hi!\\nName three colours.\\n' | lorafit chat --adapter out/adapter
 
+With `--adapter` given more than once (`--adapter a=out/a --adapter b=out/b`) every message is
+answered by each adapter, side by side: one line `[a] answer`, one line `[b] answer`, and each
+adapter keeps its own conversation.
+
 A message that cannot be answered (stdin bytes that are not UTF-8, a message too long for the
 model's context even with no history, one the chat template refuses) is reported on stderr naming
 its line, gets an empty answer line (so answers stay one per line), and the chat goes on; piped,
@@ -27,7 +31,7 @@ from lorafit.data.errors import BadRecordError
 from lorafit.data.json_records import is_text
 from lorafit.errors import UserError
 from lorafit.infer.generate import Completion, PromptTooLongError, context_length, generate
-from lorafit.infer.loading import LoadedModel, add_model_arguments, load_from_args
+from lorafit.infer.loading import Answerer, LoadedModel, add_model_arguments, load_from_args
 from lorafit.infer.options import GenerationOptions, add_generation_arguments, options_from_args
 
 COMMANDS_HELP = "/reset clears the history, /exit (or Ctrl-D) quits"
@@ -37,8 +41,9 @@ class ChatSession:
     """The conversation so far, and how to answer the next user message."""
 
     def __init__(self, loaded: LoadedModel, options: GenerationOptions, system: str | None = None,
-                 show_prompt: Callable[[str], None] | None = None):
+                 show_prompt: Callable[[str], None] | None = None, answerer: Answerer | None = None):
         self.loaded = loaded
+        self.answerer = answerer or loaded.answerers[0]  # which adapter answers, with its template and stops
         self.options = options
         self.system = system
         self.show_prompt = show_prompt
@@ -55,26 +60,50 @@ class ChatSession:
 
         limit = context_length(self.loaded.model)
         room = min(self.options.max_new_tokens, 64)
-        ids = render_prompt(self.loaded.tokenizer, messages)
+        tokenizer = self.answerer.tokenizer
+        ids = render_prompt(tokenizer, messages)
         while limit is not None and len(ids) + room > limit:
             messages = _drop_oldest_exchange(messages)
             if messages is None:
                 raise PromptTooLongError(f"this message is too long for the model's context of {limit} tokens")
-            ids = render_prompt(self.loaded.tokenizer, messages)
+            ids = render_prompt(tokenizer, messages)
         return ids, messages
 
     def reply(self, user_text: str, on_text: Callable[[str], None]) -> Completion:
         ids, messages = self.render(self.messages + [{"role": "user", "content": user_text}])
         if self.show_prompt is not None:
-            self.show_prompt(self.loaded.tokenizer.decode(ids, skip_special_tokens=False))
+            self.show_prompt(self.answerer.tokenizer.decode(ids, skip_special_tokens=False))
         (completion,) = generate(
-            self.loaded.model, [ids], self.options, stop_token_ids=self.loaded.stop_token_ids,
-            pad_token_id=self.loaded.tokenizer.pad_token_id, tokenizer=self.loaded.tokenizer,
-            on_text=lambda _row, text: on_text(text),
+            self.loaded.model, [ids], self.options, stop_token_ids=self.answerer.stop_token_ids,
+            pad_token_id=self.loaded.tokenizer.pad_token_id, tokenizer=self.answerer.tokenizer,
+            on_text=lambda _row, text: on_text(text), adapter_id=self.answerer.adapter_id,
         )
         # Only a finished exchange joins the history (an interrupted one raises before this line).
         self.messages = messages + [{"role": "assistant", "content": completion.text}]
         return completion
+
+
+class SideBySide:
+    """One conversation per adapter (`--adapter` given more than once): each user message is
+    answered by every adapter in turn, each answer on its own line after `[name] `, and each
+    adapter keeps its own history (its own answers)."""
+
+    def __init__(self, sessions: list[ChatSession], write: Callable[[str], None]):
+        self.sessions = sessions
+        self.write = write  # where the separators go: the stream the answers go to
+
+    def reset(self) -> None:
+        for session in self.sessions:
+            session.reset()
+
+    def reply(self, user_text: str, on_text: Callable[[str], None]) -> list[Completion]:
+        completions = []
+        for index, session in enumerate(self.sessions):
+            if index:
+                self.write("\n")
+            self.write(f"[{session.answerer.name}] ")
+            completions.append(session.reply(user_text, on_text))
+        return completions
 
 
 def _drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
@@ -181,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = options_from_args(args)
@@ -193,9 +227,12 @@ def main(argv: list[str]) -> int:
         def show(text: str) -> None:
             sys.stderr.write(f"----- prompt -----\n{text}\n----- end of prompt -----\n")
             sys.stderr.flush()
-    session = ChatSession(loaded, options, system=args.system, show_prompt=show)
+    sessions = [ChatSession(loaded, options, system=args.system, show_prompt=show, answerer=answerer)
+                for answerer in loaded.compared]
+    session = sessions[0] if len(sessions) == 1 else SideBySide(sessions, _write_stdout)
     if interactive:
-        print(f"lorafit chat: {loaded.name}. {COMMANDS_HELP}.", file=sys.stderr)
+        names = ", ".join(session.answerer.name for session in sessions)
+        print(f"lorafit chat: {names}. {COMMANDS_HELP}.", file=sys.stderr)
         lines = terminal_lines()
     else:
         lines = stdin_lines(sys.stdin.buffer)

@@ -28,18 +28,21 @@ def generate(
     pad_token_id: int | None = None,
     tokenizer=None,
     on_text: TextCallback | None = None,
+    adapter_id: str | None = None,
 ) -> list[Completion]:
     """Generate an answer for each prompt (a list of token ids), all in one batch.
 
     `tokenizer` is needed for text (the answers, streaming with `on_text`, stop strings); without
     it only `token_ids` are filled in. Use `temperature=0` for greedy decoding. With a seed, every
-    row draws from its own generator seeded with it.
+    row draws from its own generator seeded with it. `adapter_id` picks one of the model's named
+    adapters (`lorafit.lora.multi`) for every prompt.
     """
     if not prompts:
         raise UserError("every prompt needs at least one token")
     engine = BatchingEngine(model, tokenizer, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
                             max_batch_size=len(prompts))
-    requests = [engine.submit(prompt, options, on_text=_for_row(on_text, row)) for row, prompt in enumerate(prompts)]
+    requests = [engine.submit(prompt, options, on_text=_for_row(on_text, row), adapter_id=adapter_id)
+                for row, prompt in enumerate(prompts)]
     engine.run_until_idle()
     return [request.done.result() for request in requests]
 

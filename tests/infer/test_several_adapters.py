@@ -1,8 +1,13 @@
-"""Several adapters in one server: requests for different adapters share one running batch, and each
-gets the greedy answer that adapter gives served alone (`lorafit serve --adapter DIR`)."""
+"""Several adapters on one base: in one server, requests for different adapters share one running
+batch and each gets the greedy answer that adapter gives served alone (`lorafit serve --adapter DIR`);
+chat and generate answer with each adapter side by side."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -140,3 +145,31 @@ def test_serve_cli_with_two_adapters_refuses_a_name_clash_with_the_base(multi):
             create_app(served, "alpha")
     finally:
         served.close()
+
+
+def test_generate_answers_each_record_with_every_adapter_side_by_side(tiny_model_dir, adapters, expected, tmp_path):
+    from lorafit import cli
+
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"prompt": q, "id": i}) + "\n" for i, q in enumerate(QUESTIONS)))
+    code = cli.main(["generate", "--model_name_or_path", tiny_model_dir, "--input", str(source), "--output",
+                     str(output), "--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}",
+                     "--batch_size", "3", "--temperature", "0", "--max_new_tokens", "12"])
+    assert code == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["id"] for row in rows] == list(range(len(QUESTIONS))) and "response" not in rows[0]
+    for index, row in enumerate(rows):
+        assert row["responses"] == {"alpha": expected["alpha"][index], "beta": expected["beta"][index]}
+
+
+def test_chat_answers_every_message_with_each_adapter(tiny_model_dir, adapters, expected):
+    run = subprocess.run(
+        [sys.executable, "-m", "lorafit", "chat", "--model_name_or_path", tiny_model_dir,
+         "--adapter", f"alpha={adapters['alpha']}", "--adapter", str(adapters["beta"]),
+         "--temperature", "0", "--max_new_tokens", "12"],
+        input=f"{QUESTIONS[0]}\n{QUESTIONS[1]}\n", capture_output=True, text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:2] == [f"[alpha] {expected['alpha'][0]}", f"[beta] {expected['beta'][0]}"]
+    assert len(lines) == 4 and lines[2].startswith("[alpha] ") and lines[3].startswith("[beta] ")
