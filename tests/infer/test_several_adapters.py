@@ -173,3 +173,33 @@ def test_chat_answers_every_message_with_each_adapter(tiny_model_dir, adapters, 
     lines = run.stdout.splitlines()
     assert lines[:2] == [f"[alpha] {expected['alpha'][0]}", f"[beta] {expected['beta'][0]}"]
     assert len(lines) == 4 and lines[2].startswith("[alpha] ") and lines[3].startswith("[beta] ")
+
+
+def test_merge_combines_adapters_into_one_adapter_or_one_model(tiny_model_dir, adapters, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit import cli
+    from lorafit.lora.weighted import combine_adapters
+
+    pair = ["--adapter", str(adapters["alpha"]), "--adapter", str(adapters["beta"]), "--adapter_weights", "0.5", "-1"]
+    assert cli.main(["merge", *pair, "--adapter_only", "--output_dir", str(tmp_path / "ab")]) == 0
+    assert (tmp_path / "ab" / "adapter_model.safetensors").is_file()
+    assert "### Instruction" in (tmp_path / "ab" / "tokenizer_config.json").read_text() + "".join(
+        p.read_text() for p in (tmp_path / "ab").glob("chat_template*"))  # beta's tokenizer, the one saved
+    combined = lorafit.load_adapter(lorafit.models.load_model(tiny_model_dir), tmp_path / "ab").eval()
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = combined(input_ids=ids).logits
+
+    _config, tensors = combine_adapters([adapters["alpha"], adapters["beta"]], [0.5, -1.0], "cat")
+    assert tensors.keys() == lorafit.lora.adapter_io.read_adapter_tensors(tmp_path / "ab").keys()
+
+    assert cli.main(["merge", *pair, "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference, atol=1e-4, rtol=1e-4)
+
+    assert cli.main(["merge", *pair[:4], "--adapter_weights", "1", "--adapter_only",
+                     "--output_dir", str(tmp_path / "bad")]) == 2
+    assert "--adapter_weights has 1 values for 2 adapters" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -28,6 +28,7 @@ import torch
 from lorafit.errors import UserError
 from lorafit.infer.loading import check_adapter_folder, choose_base_model, load_inference_tokenizer
 from lorafit.lora import load_adapter, merge_lora
+from lorafit.lora.weighted import COMBINATIONS
 
 PROBE_MESSAGES = [
     {"role": "system", "content": "You are a careful assistant."},
@@ -192,7 +193,8 @@ def load_merged_model(adapter: Path, base: str | None, template: str = "auto", t
     return MergedModel(model, tokenizer, end_of_turn_token_ids(tokenizer), probe, reference)
 
 
-def merge_and_save(args: argparse.Namespace, log=print) -> Path:
+def merge_and_save(args: argparse.Namespace, log=print, adapter: Path | None = None) -> Path:
+    """Merge `adapter` (default: the one `--adapter`) into its base and write the model folder."""
     from transformers import AutoModelForCausalLM
 
     output = Path(args.output_dir).expanduser()
@@ -200,7 +202,7 @@ def merge_and_save(args: argparse.Namespace, log=print) -> Path:
         raise UserError(f"--output_dir {output} is a file, not a folder")
     if output.exists() and any(output.iterdir()) and not args.overwrite_output_dir:
         raise UserError(f"--output_dir {output} is not empty: pass --overwrite_output_dir to replace it")
-    adapter = check_adapter_folder(args.adapter)
+    adapter = adapter or check_adapter_folder(args.adapter[0])
     base = choose_base_model(args.model_name_or_path, adapter)
     for source, name in ((Path(adapter), "--adapter"), (Path(str(base)), "the base model")):
         if output.exists() and source.exists() and output.resolve() == source.resolve():
@@ -237,6 +239,28 @@ def merge_and_save(args: argparse.Namespace, log=print) -> Path:
     return output
 
 
+def merge_combined(args: argparse.Namespace, adapters: list[Path], log=print) -> Path:
+    """Several adapters: their weighted combination as an adapter folder (`--adapter_only`), or
+    merged into the base as a model folder."""
+    from lorafit.infer.combine import adapter_weights, combine_into, write_combined
+
+    weights = adapter_weights(args.adapter_weights, len(adapters))
+    described = " + ".join(f"{w:g} x {a.name}" for w, a in zip(weights, adapters))
+    if args.adapter_only:
+        output = write_combined(Path(args.output_dir).expanduser(), adapters, weights, args.combination_type,
+                                args.overwrite_output_dir)
+        print(f"combined adapter ({args.combination_type}: {described}) written to {output}", file=sys.stderr)
+        return output
+    if args.model_name_or_path is None:  # the base the adapters name (all the same one, or given)
+        args.model_name_or_path = choose_base_model(None, adapters[0])
+    with tempfile.TemporaryDirectory(prefix="lorafit-combined-") as folder:
+        combined = combine_into(Path(folder), adapters, weights, args.combination_type)
+        log(f"combined {args.combination_type}: {described}")
+        output = merge_and_save(args, log, adapter=combined)
+    print(f"merged model ({described}) written to {output}", file=sys.stderr)
+    return output
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -252,7 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model_name_or_path", default=None,
                         help="base model (default: the adapter's base_model_name_or_path, else the embedded model)")
-    parser.add_argument("--adapter", required=True, metavar="DIR", help="the LoRA adapter folder to merge")
+    parser.add_argument("--adapter", required=True, action="append", metavar="DIR",
+                        help="the LoRA adapter folder to merge; given more than once, the adapters are combined "
+                             "first (weighted by --adapter_weights, PEFT's add_weighted_adapter)")
+    parser.add_argument("--adapter_weights", type=float, nargs="+", default=None, metavar="W",
+                        help="one weight per --adapter, in order (default: 1.0 each); negative subtracts")
+    parser.add_argument("--combination_type", choices=COMBINATIONS, default="cat",
+                        help="cat: exact weighted sum of the updates, rank = sum of ranks (default); linear: "
+                             "PEFT's cheap approximation at the adapters' common rank")
+    parser.add_argument("--adapter_only", action="store_true",
+                        help="write the combined adapter folder instead of a merged model")
     parser.add_argument("--output_dir", required=True, help="where to write the merged model folder")
     parser.add_argument("--dtype", default="auto",
                         help="dtype of the saved weights: auto (the base's), float32, bfloat16, float16")
@@ -270,8 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_push_possible(args.push_to_hub)  # before minutes of work, not after
-    output = merge_and_save(args, log=lambda line: print(line, file=sys.stderr))
-    print(f"merged model written to {output}", file=sys.stderr)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    adapters = [check_adapter_folder(a) for a in args.adapter]
+    combined = len(adapters) > 1 or args.adapter_weights is not None or args.adapter_only
+    if not combined:
+        output = merge_and_save(args, log)
+        print(f"merged model written to {output}", file=sys.stderr)
+    else:
+        output = merge_combined(args, adapters, log)
     if args.push_to_hub:
         print(f"uploaded to {push(output, args.push_to_hub, args.private)}", file=sys.stderr)
     return 0
