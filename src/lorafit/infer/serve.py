@@ -13,7 +13,7 @@ Several adapters can share one server: `--adapter NAME=DIR` given more than once
 the one base (`lorafit.lora.multi`), `/v1/models` lists the base and every NAME, and each request
 picks one by its `model` field. Requests for different adapters still share one running batch:
 each row applies its own adapter's A and B, and gets the greedy answer that adapter gives served
-alone (`tests/infer/test_serve_adapters.py`). Each adapter renders with the chat template saved
+alone (`tests/infer/test_several_adapters.py`). Each adapter renders with the chat template saved
 beside it.
 
 Requests are answered together by continuous batching (`lorafit.infer.engine`): one engine thread
