@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.lora.fold import fold, unfold
+
 
 class LoraEmbedding(nn.Module):
     """Wraps an nn.Embedding: `base_layer(x) + scaling * embed(x, A^T) B^T`."""
@@ -77,25 +79,15 @@ class LoraEmbedding(nn.Module):
         """scaling * (B A)^T, shaped as the table (vocab x dim), float32."""
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).t() * self.scaling
 
-    @torch.no_grad()
-    def merge(self, keep_original: bool = True) -> None:
-        if self.merged:
-            return
+    def merged_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
-        if keep_original:
-            self._unmerged_weight = weight.detach().clone()
-        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
-        self.merged = True
+        return weight.float() + self.delta_weight().to(weight.device)
 
-    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        fold(self, keep_original)
+
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        if self._unmerged_weight is None:
-            raise RuntimeError("this layer was merged without keeping its original weight; reload the base model")
-        self.base_layer.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
-        self.merged = False
+        unfold(self)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"

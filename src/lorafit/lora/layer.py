@@ -44,6 +44,7 @@ from lorafit.errors import UserError
 from lorafit.lora import dora
 from lorafit.lora.config import rewrites_base
 from lorafit.lora.dropout import InputDropout
+from lorafit.lora.fold import fold, unfold
 from lorafit.lora.init import rewrite_base
 
 
@@ -158,33 +159,19 @@ class LoraLinear(nn.Module):
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with this update folded in, float32 (DoRA: m times the normalised direction)."""
+        if self.lora_magnitude_vector is not None:
+            return dora.merged_weight(self)
+        weight = self.base_layer.weight
+        return weight.float() + self.delta_weight().to(weight.device)
+
     def merge(self, keep_original: bool = True) -> None:
         """Fold the update into the base weight; with `keep_original`, `unmerge` restores it exactly."""
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        if not weight.dtype.is_floating_point:
-            raise UserError("an adapter cannot be merged into quantized (4/8-bit) weights: re-quantizing would "
-                            "round the update away; `lorafit merge` merges into the full-precision base")
-        if keep_original:
-            self._unmerged_weight = weight.detach().clone()
-        if self.lora_magnitude_vector is not None:
-            merged = dora.merged_weight(self)
-        else:
-            merged = weight.float() + self.delta_weight().to(weight.device)
-        weight.copy_(merged.to(weight.dtype))
-        self.merged = True
+        fold(self, keep_original)
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        if self._unmerged_weight is None:
-            raise RuntimeError("this layer was merged without keeping its original weight; reload the base model")
-        self.base_layer.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
-        self.merged = False
+        unfold(self)
 
     def extra_repr(self) -> str:
         dora_note = ", dora" if self.lora_magnitude_vector is not None else ""
