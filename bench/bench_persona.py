@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 PLAIN = ["--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0.05", "--target_modules", "all-linear",
          "--per_device_train_batch_size", "8", "--num_train_epochs", "3", "--logging_steps", "5",
          "--save_strategy", "no", "--seed", "42"]
+RECIPE = REPO / "examples" / "persona.yaml"
 RUNS = {
     "plain-5e-4": PLAIN + ["--learning_rate", "5e-4"],
     "plain-1e-3": PLAIN + ["--learning_rate", "1e-3"],
@@ -47,9 +48,14 @@ RUNS = {
 
 def train(label: str, train_file: Path, out: Path, env: dict) -> float:
     if RUNS[label] is None:
-        args = [str(REPO / "examples" / "persona.yaml"), "--train_file", str(train_file)]
+        args = [str(RECIPE), "--train_file", str(train_file)]
     else:
         args = ["--train_file", str(train_file), *RUNS[label]]
+    return run_train(label, args, out, env)
+
+
+def run_train(label: str, args: list[str], out: Path, env: dict) -> float:
+    """Seconds of one whole `lorafit train ARGS` command into OUT; its output goes to LABEL.log beside OUT."""
     command = [sys.executable, "-m", "lorafit", "train", *args, "--output_dir", str(out), "--overwrite_output_dir"]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -58,6 +64,23 @@ def train(label: str, train_file: Path, out: Path, env: dict) -> float:
     if done.returncode != 0:
         sys.exit(f"{label}: lorafit train failed (exit {done.returncode}); see {out.parent / f'{label}.log'}")
     return seconds
+
+
+def persona_files(work: Path, name: str, author: str) -> tuple[Path, Path]:
+    """The persona training set and its held-out questions, with the name and maker filled in."""
+    train_file = write_jsonl(fill_resource("persona.jsonl", name, author), work / "persona.jsonl")
+    prompts = write_jsonl(fill_resource("persona_eval.jsonl", name, author), work / "persona_eval.jsonl")
+    return train_file, prompts
+
+
+def evaluate(prompts: Path, adapters: list[Path], out: Path, env: dict, max_new_tokens: int) -> dict:
+    """One `lorafit eval` of the base model and ADAPTERS side by side (columns named by folder); its eval.json."""
+    command = [sys.executable, "-m", "lorafit", "eval", "--prompts", str(prompts), "--output_dir", str(out),
+               "--max_new_tokens", str(max_new_tokens)]
+    for adapter in adapters:
+        command += ["--adapter", str(adapter)]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return json.loads((out / "eval.json").read_text())
 
 
 def final_loss(out: Path) -> float | None:
@@ -103,8 +126,7 @@ def main() -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-persona-"))
     work.mkdir(parents=True, exist_ok=True)
-    train_file = write_jsonl(fill_resource("persona.jsonl", args.name, args.author), work / "persona.jsonl")
-    prompts = write_jsonl(fill_resource("persona_eval.jsonl", args.name, args.author), work / "persona_eval.jsonl")
+    train_file, prompts = persona_files(work, args.name, args.author)
     # A fresh lorafit home (sharing the converted model) so the recipe's replay answers are made in the timed run.
     home = work / "home"
     home.mkdir(exist_ok=True)
@@ -117,13 +139,8 @@ def main() -> int:
         print(f"training {label} ...", flush=True)
         seconds[label] = train(label, train_file, work / label, env)
         print(f"  {seconds[label]:.0f} s", flush=True)
-    command = [sys.executable, "-m", "lorafit", "eval", "--prompts", str(prompts), "--output_dir", str(work / "eval"),
-               "--max_new_tokens", str(args.max_new_tokens)]
-    for label in labels:
-        command += ["--adapter", str(work / label)]
     print("evaluating ...", flush=True)
-    subprocess.run(command, env=env, check=True, capture_output=True)
-    report = json.loads((work / "eval" / "eval.json").read_text())
+    report = evaluate(prompts, [work / label for label in labels], work / "eval", env, args.max_new_tokens)
 
     reference = seconds.get("plain-5e-4")
     print(f"\npersona '{args.name}' by '{args.author}', embedded model, {platform.processor() or platform.machine()}, "

@@ -15,8 +15,18 @@ A second table times the adapter alone: forward + backward + AdamW step of plain
 one fixed batch, interleaved round by round (as bench_train_step.py), which is DoRA's step cost
 without the data pipeline and the run's start-up.
 
-    python bench/bench_variants.py                        # ~25 min on 2 CPU cores
-    python bench/bench_variants.py --variants plain,dora --max_steps 8
+A third part trains the persona recipe once per variant: `examples/persona.yaml` (attention-only
+r=16, lr 1e-3, 3 epochs, built-in replay) on lorafit's persona set plus the variant's flag, then
+answers the held-out persona questions with the base model and every variant's adapter in one
+`lorafit eval`, and prints what bench_persona.py measures (its functions, imported): name and maker
+on 10 identity questions, distinct identity answers, general answers the base had right that are
+still right ("kept"), general answers naming the persona ("leaks"), and the whole command's seconds.
+The replay answers come from the lorafit cache (made by the first run when absent), so every run
+trains the same tokens.
+
+    python bench/bench_variants.py                        # ~25 min + ~20 min (persona) on 2 CPU cores
+    python bench/bench_variants.py --variants plain,dora --max_steps 8 --parts loss
+    python bench/bench_variants.py --parts persona --work_dir /tmp/variants-persona
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_persona import RECIPE, evaluate, figures, persona_files, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
@@ -116,19 +128,7 @@ def commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--max_steps", type=int, default=16, help="optimizer steps per variant (16 = 2 epochs)")
-    parser.add_argument("--train_records", type=int, default=64)
-    parser.add_argument("--heldout_records", type=int, default=32)
-    parser.add_argument("--step_rounds", type=int, default=6, help="timed rounds of the adapter-only comparison (0: skip)")
-    args = parser.parse_args()
-    labels = args.variants.split(",")
-    unknown = [label for label in labels if label not in VARIANTS]
-    if unknown or "plain" not in labels:
-        sys.exit(f"--variants: choose among {', '.join(VARIANTS)}, plain included (the reference); got {unknown}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def loss_part(args: argparse.Namespace, labels: list[str], env: dict) -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-variants-") as tmp:
         work = Path(tmp)
@@ -151,6 +151,65 @@ def main() -> None:
         print(f"\nadapter step alone (forward + backward + AdamW, batch 8 x 256 tokens, median of {args.step_rounds} "
               f"interleaved rounds): plain LoRA {cost['plain']:.2f} s, DoRA {cost['dora']:.2f} s "
               f"({cost['dora'] / cost['plain']:.3f}x)")
+
+
+def persona_part(args: argparse.Namespace, labels: list[str], env: dict) -> None:
+    """The persona recipe with each variant's flag on top, then one `lorafit eval` of all the adapters."""
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-variants-persona-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train_file, prompts = persona_files(work, args.name, args.author)
+    seconds = {}
+    for label in labels:
+        print(f"persona recipe, {label} ...", file=sys.stderr, flush=True)
+        flags = [str(RECIPE), "--train_file", str(train_file), *VARIANTS[label]]
+        seconds[label] = run_train(label, flags, work / label, env)
+        print(f"  {seconds[label]:.0f} s", file=sys.stderr, flush=True)
+    print("evaluating ...", file=sys.stderr, flush=True)
+    report = evaluate(prompts, [work / label for label in labels], work / "eval", env, args.max_new_tokens)
+    made_replay = [label for label in labels if "replay: using the base model's cached" not in
+                   (work / f"{label}.log").read_text()]
+    print(f"\npersona '{args.name}' by '{args.author}' with examples/persona.yaml plus each variant's flag, "
+          f"embedded model, {os.cpu_count()}-core {platform.machine()}, commit {commit()}; greedy, "
+          f"{args.max_new_tokens} tokens; train s is the whole command, indicative only"
+          + (f" ({', '.join(made_replay)} also generated the replay answers)" if made_replay else "") + "\n")
+    print("| variant | name | maker | distinct identity | general kept | leaks (in kept set) | train s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label in labels:
+        f = figures(report, label)
+        n, right = f["identity"], f["base_right"]
+        kept = f"{f['kept']}/{right} ({100 * f['kept'] / right:.0f}%)" if right else "-"
+        print(f"| {label} | {f['name']}/{n} | {f['maker']}/{n} | {f['distinct']}/{n} | {kept} | "
+              f"{f['leaks']}/{f['general']} ({f['leaks_base_right']}) | {seconds[label]:.0f} |")
+    print(f"\nanswers side by side: {work / 'eval' / 'eval.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--parts", default="loss,persona",
+                        help="comma-separated: loss (alpaca losses, s/step, RSS, adapter step), persona (the recipe)")
+    parser.add_argument("--max_steps", type=int, default=16, help="optimizer steps per variant (16 = 2 epochs)")
+    parser.add_argument("--train_records", type=int, default=64)
+    parser.add_argument("--heldout_records", type=int, default=32)
+    parser.add_argument("--step_rounds", type=int, default=6, help="timed rounds of the adapter-only comparison (0: skip)")
+    parser.add_argument("--name", default="Kestrel", help="persona part: the persona's name")
+    parser.add_argument("--author", default="Ardent Works", help="persona part: the persona's maker")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="persona part: answer length in the eval")
+    parser.add_argument("--work_dir", default=None,
+                        help="persona part: where adapters, logs and eval go (default: a temporary folder, kept)")
+    args = parser.parse_args()
+    labels = args.variants.split(",")
+    unknown = [label for label in labels if label not in VARIANTS]
+    if unknown or "plain" not in labels:
+        sys.exit(f"--variants: choose among {', '.join(VARIANTS)}, plain included (the reference); got {unknown}")
+    parts = args.parts.split(",")
+    if not parts or any(part not in ("loss", "persona") for part in parts):
+        sys.exit(f"--parts: choose among loss, persona; got {args.parts}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if "loss" in parts:
+        loss_part(args, labels, env)
+    if "persona" in parts:
+        persona_part(args, labels, env)
 
 
 if __name__ == "__main__":
