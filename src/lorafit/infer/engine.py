@@ -36,7 +36,6 @@ from collections import deque
 from contextlib import nullcontext
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -44,66 +43,20 @@ from lorafit.errors import UserError
 from lorafit.infer.decode_batch import DecodeBatch
 from lorafit.infer.detokenize import IncrementalDecoder
 from lorafit.infer.options import GenerationOptions
+from lorafit.infer.requests import (  # noqa: F401  (Completion, PromptTooLongError, QueueFullError: re-exported)
+    Completion,
+    GenerationRequest,
+    PromptTooLongError,
+    QueueFullError,
+    TextCallback,
+    allowed_context,
+    context_length,
+    settle_unrun,
+)
 from lorafit.infer.sampling import choose_next_tokens_per_row, make_generator
 from lorafit.lora.multi import route_rows, routing_of
 
 DEFAULT_MAX_BATCH_SIZE = 8
-
-# on_text(new_text) -> False to stop this answer (e.g. the client went away); called from the engine's thread.
-TextCallback = Callable[[str], "bool | None"]
-
-
-@dataclass
-class Completion:
-    text: str  # the answer, without stop tokens and cut before any stop string
-    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
-    # "stop" (stop token or string), "length" (max_new_tokens or the context), "cancelled", "timeout"
-    finish_reason: str = "length"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # tokens the model produced, stop token included (what was paid for)
-
-
-class PromptTooLongError(UserError):
-    """The prompt leaves no room for an answer within the model's context length."""
-
-
-class QueueFullError(RuntimeError):
-    """`submit` found `max_batch_size` requests running and `max_queued` waiting: try again later."""
-
-    def __init__(self, unfinished: int, max_queued: int):
-        super().__init__(f"{unfinished} requests are unfinished ({max_queued} may wait for a batch row)")
-        self.unfinished, self.max_queued = unfinished, max_queued
-
-
-def context_length(model) -> int | None:
-    """The most positions the model was built for (None when its config does not say)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-@dataclass(eq=False)
-class GenerationRequest:
-    """One answer to produce. `done` resolves to its `Completion`, or to None when it was cancelled
-    before it joined the batch; `cancel()` makes a running one leave at the next step."""
-
-    prompt: list[int]
-    options: GenerationOptions
-    on_text: TextCallback | None = None
-    stop_token_ids: tuple[int, ...] = ()  # end of turn / EOS: the token ends the answer and is not part of it
-    adapter_id: str | None = None  # which named adapter answers this row; None: the model as loaded (the base)
-    deadline: float | None = None  # time.monotonic() after which it leaves with finish_reason "timeout"
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    done: Future = field(default_factory=Future)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
 
 
 @dataclass(eq=False)
@@ -138,7 +91,7 @@ class BatchingEngine:
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.stop_token_ids or (0,))[0]
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
-        self.context_length = _allowed_context(context_length(model), max_model_len)
+        self.context_length = allowed_context(context_length(model), max_model_len)
         self._waiting: deque[GenerationRequest] = deque()
         self._wake = threading.Condition()  # an RLock inside: guards `_waiting`, `_unfinished`, `_closed`
         self._unfinished = 0  # submitted requests whose `done` has not resolved (waiting + running)
@@ -230,7 +183,7 @@ class BatchingEngine:
         with self._wake:
             leftovers, self._waiting = list(self._waiting), deque()
         for request in leftovers:
-            _resolve(request, None)
+            settle_unrun(request, None)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="lorafit-engine", daemon=True)
@@ -255,9 +208,9 @@ class BatchingEngine:
         keep = deque()
         for request in self._waiting:
             if request.cancelled.is_set() or request.done.cancelled():
-                _resolve(request, None)  # it left before its turn: nothing was generated
+                settle_unrun(request, None)  # it left before its turn: nothing was generated
             elif request.expired(now):
-                _resolve(request, Completion(text="", prompt_tokens=len(request.prompt), finish_reason="timeout"))
+                settle_unrun(request, Completion(text="", prompt_tokens=len(request.prompt), finish_reason="timeout"))
             else:
                 keep.append(request)
         self._waiting = keep
@@ -302,7 +255,7 @@ class BatchingEngine:
             while self._waiting and len(group) < room:
                 request = self._waiting.popleft()
                 if request.cancelled.is_set():
-                    _resolve(request, None)  # it left before its turn: nothing was generated
+                    settle_unrun(request, None)  # it left before its turn: nothing was generated
                 elif request.done.set_running_or_notify_cancel():
                     group.append(request)
         return group
@@ -413,20 +366,3 @@ class BatchingEngine:
             generator=None if options.greedy else make_generator(options.seed, device),
             seen=seen,
         )
-
-
-def _allowed_context(model_context: int | None, max_model_len: int | None) -> int | None:
-    if max_model_len is None:
-        return model_context
-    if max_model_len < 2:
-        raise UserError(f"--max_model_len must be at least 2 (one prompt token and one new one), got {max_model_len}")
-    if model_context is not None and max_model_len > model_context:
-        raise UserError(f"--max_model_len {max_model_len} is more than this model's context length "
-                        f"({model_context} tokens); leave it out or lower it")
-    return max_model_len
-
-
-def _resolve(request: GenerationRequest, value) -> None:
-    """Settle a request that never ran (its future may have been cancelled by an async waiter)."""
-    if request.done.set_running_or_notify_cancel():
-        request.done.set_result(value)
