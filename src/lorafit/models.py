@@ -227,8 +227,9 @@ def load_model(
     """Load a causal LM. The base weights stay in the load dtype (fp32 unless asked otherwise).
 
     With `quantization` (a `lorafit.quant.QuantizationSpec`) the linear layers are quantized by
-    bitsandbytes as they load, onto `device_map` (default: the CPU), and the rest of the model is
-    held in the spec's compute dtype."""
+    bitsandbytes as they load, onto `device_map` (default: the CPU), each float weight read from
+    its own memory map and released once packed (`lorafit.quant.load`), and the rest of the model
+    is held in the spec's compute dtype."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
@@ -249,6 +250,10 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     with refusing_remote_code(path, trust_remote_code):
+        if quantization is not None:
+            from lorafit.quant.load import load_quantized
+
+            return load_quantized(path, **kwargs)
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
