@@ -276,6 +276,10 @@ def load_with_adapters(model_name_or_path: str | None, adapters: dict[str, Path]
         load_adapters(loaded.model, adapters)
     except UserError as error:
         raise UserError(f"--adapter: {error}") from None
+    if quantization is None:  # the shared base layers decode through oneDNN, as a merged model does
+        from lorafit.infer.cpu_linear import use_onednn_linear
+
+        use_onednn_linear(loaded.model)
     vocabulary = loaded.tokenizer.get_vocab()
     answerers = []
     for name, path in adapters.items():
