@@ -11,6 +11,7 @@ the median of the logged step durations (the first step excluded), its loss the 
     python bench/bench_qlora.py                           # CPU, ~10 min on 2 cores
     python bench/bench_qlora.py --models embedded --steps 10
     python bench/bench_qlora.py --bf16                    # on a GPU: bf16 base/compute dtype
+    python bench/bench_qlora.py --load_only --loaders lorafit,transformers   # loading alone, ~2 min
 
 On a GPU, `--bf16` compares a bf16 base with 8-bit and 4-bit (compute dtype bf16).
 """
@@ -50,6 +51,71 @@ code = main(sys.argv[1:])
 print(f"PEAK_RSS_KB {kb('VmHWM')} PEAK_ANON_KB {max(peak[0], kb('RssAnon'))}", flush=True)
 sys.exit(code)
 """
+
+
+# Loading alone: the child samples RssAnon and RssAnon + RssFile (the model file's pages mapped in
+# count: a float32 base is used straight from them) every 5 ms through the load and one forward
+# pass (which reads every weight, so a float base's lazily mapped pages are all in), then reports
+# the peaks and what stays once both are done. `transformers` loads as transformers itself does
+# (one map per file, the path lorafit used before `lorafit.quant.load`), for the before/after.
+LOAD_CHILD = """
+import gc, sys, threading, time, warnings
+import torch
+warnings.simplefilter("ignore")
+def kb(key):
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key)))
+from transformers import AutoModelForCausalLM
+from lorafit.models import load_model, resolve_model_path
+from lorafit.quant import QuantizationSpec
+from lorafit.quant.bnb import bytes_of_parameters, prepare_for_kbit_training, quantization_config
+path, bits, loader = resolve_model_path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+spec = QuantizationSpec(bits=bits) if bits != 32 else None
+peak, stop = [0, 0], []
+def sample():
+    while not stop:
+        anon = kb("RssAnon"); peak[0] = max(peak[0], anon); peak[1] = max(peak[1], anon + kb("RssFile"))
+        time.sleep(0.005)
+start_anon, start_rss = kb("RssAnon"), kb("RssAnon") + kb("RssFile")
+threading.Thread(target=sample, daemon=True).start()
+if spec is None:
+    model = load_model(path)
+elif loader == "transformers":
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(spec),
+                                                 device_map={"": "cpu"}, dtype=spec.compute_dtype)
+else:
+    model = load_model(path, quantization=spec)
+if spec is not None:
+    prepare_for_kbit_training(model)
+with torch.no_grad():
+    model(input_ids=torch.arange(64)[None] + 10)
+gc.collect(); time.sleep(0.05); stop.append(1)
+print("LOAD", start_anon, start_rss, peak[0], peak[1], kb("RssAnon"), kb("RssAnon") + kb("RssFile"),
+      bytes_of_parameters(model) // 1000, flush=True)
+"""
+
+
+def measure_load(model: str, bits: int, loader: str) -> dict:
+    command = [sys.executable, "-c", LOAD_CHILD, model, str(bits), loader]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        sys.exit(f"loading {model} ({bits} bits, {loader}) failed:\n{done.stderr[-3000:]}")
+    line = next(line for line in done.stdout.splitlines() if line.startswith("LOAD "))
+    names = ["start_anon", "start_rss", "peak_anon", "peak_rss", "anon", "rss", "params"]
+    return {name: int(value) / 1e6 for name, value in zip(names, line.split()[1:])}
+
+
+def print_load_table(models: dict, loaders: list[str]) -> None:
+    print("| model | base | loader | peak anon. GB | peak RSS GB, file pages incl. | after anon. GB "
+          "| after RSS GB | weights as stored GB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for name, model in models.items():
+        for label, bits in (("float32", 32), ("8-bit", 8), ("4-bit nf4", 4)):
+            for loader in (["lorafit"] if bits == 32 else loaders):
+                r = measure_load(model, bits, loader)
+                print(f"| {name} | {label} | {loader if bits != 32 else '-'} | {r['peak_anon']:.2f} | {r['peak_rss']:.2f} "
+                      f"| {r['anon']:.2f} | {r['rss']:.2f} | {r['params']:.2f} |", flush=True)
+    print("(process before loading, libraries imported: "
+          f"{r['start_anon']:.2f} GB anon., {r['start_rss']:.2f} GB RSS)")
 
 
 def build_large_model(folder: Path) -> str:
@@ -108,6 +174,10 @@ def main() -> int:
     parser.add_argument("--large_steps", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="bf16 base and compute dtype (GPU)")
     parser.add_argument("--work_dir", default=None)
+    parser.add_argument("--load_only", action="store_true",
+                        help="measure loading (+ one forward pass) only, no training")
+    parser.add_argument("--loaders", default="lorafit",
+                        help="quantized loading paths to measure with --load_only: lorafit, transformers, or both")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-qlora-"))
@@ -122,6 +192,11 @@ def main() -> int:
             models[name] = (build_large_model(work / "large-model"), args.large_steps, 4, 128)
         else:
             parser.error(f"unknown model {name!r}: embedded or large")
+
+    if args.load_only:
+        print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, commit {commit()}\n")
+        print_load_table({name: model for name, (model, *_) in models.items()}, args.loaders.split(","))
+        return 0
 
     results = {}
     for name, (model, steps, batch, cutoff) in models.items():
