@@ -2,7 +2,8 @@
 
 Why bitsandbytes: it is what QLoRA, PEFT, LLaMA-Factory and unsloth use, transformers quantizes a
 model with it at load time (each linear layer is quantized as it is loaded, so no full-precision
-copy of the model is ever held; `lorafit.quant.load` also lets each weight's file pages go once packed), and current releases run on the CPU as well as on CUDA. On the
+copy of the model is ever held; `lorafit.quant.load` also lets each weight's file pages go once
+packed), and current releases run on the CPU as well as on CUDA. On the
 development CPU (AVX2, no AVX-512) its 4-bit NF4 linear runs at about the speed of the float32 one
 (dequantize, then a float32 GEMM), and its 8-bit linear slightly slower (LLM.int8 casts to fp16).
 torchao's NF4 tensor is the other maintained choice; `docs/train.md` (QLoRA) has the comparison.
