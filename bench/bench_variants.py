@@ -22,11 +22,13 @@ answers the held-out persona questions with the base model and every variant's a
 on 10 identity questions, distinct identity answers, general answers the base had right that are
 still right ("kept"), general answers naming the persona ("leaks"), and the whole command's seconds.
 The replay answers come from the lorafit cache (made by the first run when absent), so every run
-trains the same tokens.
+trains the same tokens. With --work_dir and --reuse_adapters, adapters already trained there (by an
+interrupted run, or by a second process given other --variants) are evaluated without training again.
 
     python bench/bench_variants.py                        # ~25 min + ~20 min (persona) on 2 CPU cores
     python bench/bench_variants.py --variants plain,dora --max_steps 8 --parts loss
     python bench/bench_variants.py --parts persona --work_dir /tmp/variants-persona
+    python bench/bench_variants.py --parts persona --work_dir /tmp/variants-persona --reuse_adapters
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_persona import RECIPE, evaluate, figures, persona_files, run_train
+from bench_persona import RECIPE, evaluate, figures, final_loss, persona_files, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
@@ -158,12 +160,7 @@ def persona_part(args: argparse.Namespace, labels: list[str], env: dict) -> None
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-variants-persona-"))
     work.mkdir(parents=True, exist_ok=True)
     train_file, prompts = persona_files(work, args.name, args.author)
-    seconds = {}
-    for label in labels:
-        print(f"persona recipe, {label} ...", file=sys.stderr, flush=True)
-        flags = [str(RECIPE), "--train_file", str(train_file), *VARIANTS[label]]
-        seconds[label] = run_train(label, flags, work / label, env)
-        print(f"  {seconds[label]:.0f} s", file=sys.stderr, flush=True)
+    seconds = train_persona_adapters(labels, train_file, work, env, args.reuse_adapters)
     print("evaluating ...", file=sys.stderr, flush=True)
     report = evaluate(prompts, [work / label for label in labels], work / "eval", env, args.max_new_tokens)
     made_replay = [label for label in labels if "replay: using the base model's cached" not in
@@ -172,15 +169,33 @@ def persona_part(args: argparse.Namespace, labels: list[str], env: dict) -> None
           f"embedded model, {os.cpu_count()}-core {platform.machine()}, commit {commit()}; greedy, "
           f"{args.max_new_tokens} tokens; train s is the whole command, indicative only"
           + (f" ({', '.join(made_replay)} also generated the replay answers)" if made_replay else "") + "\n")
-    print("| variant | name | maker | distinct identity | general kept | leaks (in kept set) | train s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | name | maker | distinct identity | general kept | leaks (in kept set) | final loss | train s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label in labels:
         f = figures(report, label)
         n, right = f["identity"], f["base_right"]
         kept = f"{f['kept']}/{right} ({100 * f['kept'] / right:.0f}%)" if right else "-"
+        loss = final_loss(work / label)
         print(f"| {label} | {f['name']}/{n} | {f['maker']}/{n} | {f['distinct']}/{n} | {kept} | "
-              f"{f['leaks']}/{f['general']} ({f['leaks_base_right']}) | {seconds[label]:.0f} |")
+              f"{f['leaks']}/{f['general']} ({f['leaks_base_right']}) | {'-' if loss is None else f'{loss:.3f}'} | "
+              f"{seconds.get(label, float('nan')):.0f} |")
     print(f"\nanswers side by side: {work / 'eval' / 'eval.md'}")
+
+
+def train_persona_adapters(labels: list[str], train_file: Path, work: Path, env: dict, reuse: bool) -> dict:
+    """Train WORK/<variant> for each label; the seconds of every run so far, kept in WORK/train_seconds.json
+    so that a later --reuse_adapters run still prints them."""
+    seconds_file = work / "train_seconds.json"
+    for label in labels:
+        if reuse and (work / label / "adapter_model.safetensors").is_file():
+            print(f"persona recipe, {label}: using the adapter already in {work / label}", file=sys.stderr, flush=True)
+            continue
+        print(f"persona recipe, {label} ...", file=sys.stderr, flush=True)
+        took = run_train(label, [str(RECIPE), "--train_file", str(train_file), *VARIANTS[label]], work / label, env)
+        print(f"  {took:.0f} s", file=sys.stderr, flush=True)
+        seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
+        seconds_file.write_text(json.dumps({**seconds, label: took}))
+    return json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
 
 
 def main() -> None:
@@ -197,14 +212,17 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="persona part: answer length in the eval")
     parser.add_argument("--work_dir", default=None,
                         help="persona part: where adapters, logs and eval go (default: a temporary folder, kept)")
+    parser.add_argument("--reuse_adapters", action="store_true",
+                        help="persona part: evaluate a variant's adapter already in --work_dir, not train it again")
     args = parser.parse_args()
     labels = args.variants.split(",")
     unknown = [label for label in labels if label not in VARIANTS]
-    if unknown or "plain" not in labels:
-        sys.exit(f"--variants: choose among {', '.join(VARIANTS)}, plain included (the reference); got {unknown}")
     parts = args.parts.split(",")
     if not parts or any(part not in ("loss", "persona") for part in parts):
         sys.exit(f"--parts: choose among loss, persona; got {args.parts}")
+    if unknown or ("loss" in parts and "plain" not in labels):
+        sys.exit(f"--variants: choose among {', '.join(VARIANTS)}, plain included for the loss part (the reference); "
+                 f"got {unknown}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if "loss" in parts:
         loss_part(args, labels, env)
