@@ -171,6 +171,22 @@ def test_the_chat_streams_base_and_adapter_answers_and_checks_settings(server, t
         assert events[-1] == "[DONE]"
         chunks = [json.loads(event) for event in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    # one model holds both sides: each answers as the base and the adapter loaded on their own would
+    from lorafit.data.render import render_prompt
+    from lorafit.infer.generate import generate
+    from lorafit.infer.loading import load_for_inference
+    from lorafit.infer.options import GenerationOptions
+
+    tuned = load_for_inference(adapter=str(tiny_adapter))
+    plain = load_for_inference(json.loads((tiny_adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    prompt = render_prompt(tuned.tokenizer, [{"role": "user", "content": "Name a colour."}])
+    for side, alone in (("base", plain), ("adapter", tuned)):
+        (want,) = generate(alone.model, [prompt], GenerationOptions(temperature=0, max_new_tokens=8),
+                           stop_token_ids=tuned.stop_token_ids, pad_token_id=tuned.tokenizer.pad_token_id,
+                           tokenizer=tuned.tokenizer)
+        got = client.post(f"/api/chat/{side}", json={"model": side, "max_tokens": 8, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": "Name a colour."}]})
+        assert got.json()["text"] == want.text, side
     bad = client.post("/api/chat/adapter", json={"model": "adapter", "messages": [{"role": "user", "content": "x"}],
                                                   "temperature": 5})
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]

@@ -188,13 +188,14 @@ def create_app(ui: UiState, api_key: str | None = None) -> FastAPI:
 
     @app.post("/api/chat/{slot}")
     async def chat(slot: str, request: Request):
-        served = ui.chat.served(slot)
+        served, answerer = ui.chat.served(slot)
         body = await read_json_body(request, served.limits.max_body_bytes)
         chat_request = parse_chat_request(body, served.defaults, slot, served.limits.max_new_tokens_limit)
-        prompt = await asyncio.to_thread(served.render, chat_request)
+        prompt = await asyncio.to_thread(served.render, chat_request, answerer)
         if chat_request.stream:
-            return EngineStream(served, prompt, chat_request)
-        completion = await complete_unless_client_leaves(served, request, prompt, chat_request.options)
+            return EngineStream(served, prompt, chat_request, answerer)
+        completion = await complete_unless_client_leaves(served, request, prompt, chat_request.options,
+                                                         answerer=answerer)
         return {"text": completion.text if completion else ""}
 
     @app.post("/api/export")
