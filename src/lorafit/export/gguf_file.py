@@ -23,6 +23,7 @@ import gguf
 import numpy as np
 
 from lorafit.errors import UserError
+from lorafit.infer.staging import current_umask
 
 Q = gguf.GGMLQuantizationType
 OUTTYPES = {
@@ -118,7 +119,7 @@ def write_checked(plan: PlannedFile, output: Path, log=print) -> Path:
         worst = check_file(staging, plan)
         log(f"read-back check: {len(plan.tensors)} tensors ({plan.type_counts()}), names, shapes and metadata as "
             f"written; largest value error {worst:.2e} of the tensor's range: OK")
-        staging.chmod(0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+        staging.chmod(0o666 & ~current_umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(staging, output)
     except OSError as error:
         raise UserError(f"--output {output}: writing failed ({error.strerror or error}); nothing was written") from None
@@ -163,8 +164,3 @@ def check_file(path: Path, plan: PlannedFile) -> float:
                             + "; ".join(problems[:10]))
     return worst
 
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

@@ -12,13 +12,12 @@ its destination and moved into place once complete.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from lorafit.errors import UserError
 from lorafit.infer.loading import TOKENIZER_FILES
+from lorafit.infer.staging import check_output_folder, staged_folder
 from lorafit.lora.adapter_io import write_adapter
 from lorafit.lora.weighted import combine_adapters
 
@@ -60,20 +59,9 @@ def combine_into(folder: Path, adapters: list[Path], weights: list[float], combi
 def write_combined(output: Path, adapters: list[Path], weights: list[float], combination: str,
                    overwrite: bool = False) -> Path:
     """The combined adapter as the folder `output`, complete or not at all."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output_dir {output} is a file, not a folder")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"--output_dir {output} is not empty: pass --overwrite_output_dir to replace it")
+    check_output_folder(output, overwrite)
     if any(output.exists() and output.resolve() == a.resolve() for a in adapters):
         raise UserError(f"--output_dir {output} is one of the adapters being combined; choose another folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         combine_into(staging, adapters, weights, combination)
-        staging.chmod(0o755)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 
 from lorafit.errors import UserError
 from lorafit.infer.loading import check_adapter_folder, choose_base_model, load_inference_tokenizer
+from lorafit.infer.staging import check_output_folder, staged_folder
 from lorafit.lora import load_adapter, merge_lora
 from lorafit.lora.weighted import COMBINATIONS
 
@@ -198,10 +198,7 @@ def merge_and_save(args: argparse.Namespace, log=print, adapter: Path | None = N
     from transformers import AutoModelForCausalLM
 
     output = Path(args.output_dir).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output_dir {output} is a file, not a folder")
-    if output.exists() and any(output.iterdir()) and not args.overwrite_output_dir:
-        raise UserError(f"--output_dir {output} is not empty: pass --overwrite_output_dir to replace it")
+    check_output_folder(output, args.overwrite_output_dir)
     adapter = adapter or check_adapter_folder(args.adapter[0])
     base = choose_base_model(args.model_name_or_path, adapter)
     for source, name in ((Path(adapter), "--adapter"), (Path(str(base)), "the base model")):
@@ -212,10 +209,7 @@ def merge_and_save(args: argparse.Namespace, log=print, adapter: Path | None = N
     model, tokenizer, probe, reference = merged.model, merged.tokenizer, merged.probe, merged.reference
     dtype = target_dtype(args.dtype, model.config)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
-    try:
+    with staged_folder(output) as staging:
         model.to(dtype)
         model.config.dtype = dtype
         model.generation_config = generation_config_for(model, tokenizer, merged.stop_token_ids)
@@ -231,11 +225,6 @@ def merge_and_save(args: argparse.Namespace, log=print, adapter: Path | None = N
             raise MergeCheckError(f"the saved model, reloaded by transformers in {dtype}, does not reproduce "
                                   f"base + adapter ({on_disk.describe()}); nothing was written")
         log(f"reload check ({str(dtype).removeprefix('torch.')}, plain transformers): {on_disk.describe()}: OK")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 
@@ -259,12 +248,6 @@ def merge_combined(args: argparse.Namespace, adapters: list[Path], log=print) ->
         output = merge_and_save(args, log, adapter=combined)
     print(f"merged model ({described}) written to {output}", file=sys.stderr)
     return output
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def build_parser() -> argparse.ArgumentParser:
