@@ -154,3 +154,9 @@ def test_missing_library_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(UserError, match=r"lorafit\[qlora\]"):
         require_bitsandbytes()
+
+
+def test_a_device_bitsandbytes_cannot_run_on_is_refused_before_loading(base_dir):
+    spec = QuantizationSpec.from_flags(4)
+    with pytest.raises(UserError, match="bitsandbytes runs on cpu, cuda and xpu, not on mps"):
+        load_model(base_dir, quantization=spec, device_map={"": "mps"})
