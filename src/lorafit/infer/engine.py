@@ -35,7 +35,7 @@ import time
 from collections import deque
 from contextlib import nullcontext
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
