@@ -73,6 +73,15 @@ def test_an_upload_is_saved_under_its_own_name_only(server):
     assert saved["path"] == str(ui.state_dir / "uploads" / "my_data.jsonl")
     assert (ui.state_dir / "uploads" / "my_data.jsonl").read_bytes() == b'{"a": 1}\n'
 
+    limit, ui.max_upload_bytes = ui.max_upload_bytes, 64  # over the limit: refused, the saved file untouched
+    try:
+        refused = client.post("/api/upload", params={"filename": "my data.jsonl"}, content=b"x" * 200)
+    finally:
+        ui.max_upload_bytes = limit
+    assert refused.status_code == 413 and "larger than the upload limit" in refused.json()["error"]
+    assert (ui.state_dir / "uploads" / "my_data.jsonl").read_bytes() == b'{"a": 1}\n'
+    assert sorted(p.name for p in (ui.state_dir / "uploads").iterdir()) == ["my_data.jsonl"]
+
 
 def form(tiny_model_dir, output_dir, **changes) -> dict:
     return {**default_values(), "model_name_or_path": tiny_model_dir, "output_dir": str(output_dir),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import threading
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from lorafit.infer.serve_limits import read_json_body
 from lorafit.models import EMBEDDED_MODEL
 from lorafit.ui import checks, form
 from lorafit.ui.chat import ChatModels
+from lorafit.ui.command import DEFAULT_MAX_UPLOAD_MB
 from lorafit.ui.exports import available_exports, describe_export, start_export
 from lorafit.ui.jobs import JobRunning, Jobs
 from lorafit.ui.preview import DEFAULT_LIMIT, TokenizerCache, preview
@@ -45,14 +47,19 @@ from lorafit.ui.runs import Runs
 
 STATIC = Path(__file__).parent / "static"
 STATE_FOLDER = ".lorafit-ui"
+
+
+class UploadTooLargeError(UserError):
+    status = 413
 MAX_PREVIEW = 50
 
 
 class UiState:
     """What the server holds: the runs folder, child jobs, a tokenizer cache and the chat models."""
 
-    def __init__(self, runs_dir: str | Path):
+    def __init__(self, runs_dir: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
         self.runs_dir = Path(runs_dir)
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.state_dir = self.runs_dir / STATE_FOLDER
         self.jobs = Jobs()
         self.runs = Runs(self.runs_dir, self.jobs, self.state_dir)
@@ -93,7 +100,7 @@ def create_app(ui: UiState, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def user_error(_request, error: UserError):
-        return JSONResponse({"error": str(error)}, status_code=400)
+        return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400))
 
     @app.exception_handler(APIError)
     async def api_error(_request, error: APIError):
@@ -133,12 +140,24 @@ def create_app(ui: UiState, api_key: str | None = None) -> FastAPI:
 
     @app.post("/api/upload")
     async def upload(request: Request, filename: str = "data.jsonl"):
+        """Saved whole or not at all (a partial file beside it, renamed at the end), up to the limit."""
         folder = ui.state_dir / "uploads"
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / _safe_name(filename)
-        with target.open("wb") as handle:
-            async for piece in request.stream():
-                handle.write(piece)
+        partial = target.with_name(f".{target.name}.partial")
+        received = 0
+        try:
+            with partial.open("wb") as handle:
+                async for piece in request.stream():
+                    received += len(piece)
+                    if received > ui.max_upload_bytes:
+                        raise UploadTooLargeError(f"{target.name} is larger than the upload limit of "
+                                        f"{ui.max_upload_bytes / 2**20:g} MiB: give its path on this machine "
+                                        "instead, or start lorafit ui with a larger --max_upload_mb")
+                    handle.write(piece)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
         return {"path": str(target)}
 
     @app.post("/api/detect")

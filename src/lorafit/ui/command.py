@@ -17,6 +17,7 @@ import sys
 from lorafit.errors import UserError
 
 DEFAULT_PORT = 7860  # Gradio's, LlamaBoard's: where people look for a fine-tuning page
+DEFAULT_MAX_UPLOAD_MB = 1024  # larger data files are better given by their path on the machine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs_dir", default=default_runs,
                         help=f"the folder whose runs the page lists (default: {default_runs}, where "
                              "lorafit train's default --output_dir is)")
+    parser.add_argument("--max_upload_mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"largest data file the page may upload, in MiB (default: {DEFAULT_MAX_UPLOAD_MB:g}); "
+                             "a larger one can be given by its path on this machine")
     parser.add_argument("--log_level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
@@ -55,7 +59,9 @@ def main(argv: list[str]) -> int:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can train "
               "and read files on this machine", file=sys.stderr)
     sock = bind(args.host, args.port)
-    ui = UiState(args.runs_dir)
+    if args.max_upload_mb <= 0:
+        raise UserError(f"--max_upload_mb must be more than 0, got {args.max_upload_mb:g}")
+    ui = UiState(args.runs_dir, max_upload_mb=args.max_upload_mb)
     app = create_app(ui, api_key=args.api_key)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
