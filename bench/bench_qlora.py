@@ -159,7 +159,7 @@ def train(model: str, train_file: Path, out: Path, extra: list[str], steps: int,
     times = [r["train_runtime"] for r in logged]
     steps_s = [b - a for a, b in zip(times, times[1:])]
     return {"peak_gb": peak_kb / 1e6, "anon_gb": anon_kb / 1e6, "step_s": statistics.median(steps_s) if steps_s else float("nan"),
-            "loss": logged[-1]["loss"]}
+            "loss": logged[-1]["loss"], "first_loss": logged[0]["loss"]}
 
 
 def commit() -> str:
@@ -206,15 +206,18 @@ def main() -> int:
                                          batch, cutoff, args.bf16)
 
     print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, commit {commit()}{', bf16' if args.bf16 else ''}\n")
+    # The first logged loss is the base model's on the first batch (B starts at zero): its gap to the
+    # float run is what quantizing the base costs before any training; the final gap is judged against it.
     print("| model | variant | steps x batch | peak anon. memory GB (x float) | peak RSS GB, file pages incl. "
-          "| step s (x float) | final loss | loss - float's |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+          "| step s (x float) | first loss - float's | final loss | final - float's |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for name, (_, steps, batch, _) in models.items():
         reference = results[name, "lora (float base)"]
         for label in VARIANTS:
             r = results[name, label]
             print(f"| {name} | {label} | {steps} x {batch} | {r['anon_gb']:.2f} ({r['anon_gb'] / reference['anon_gb']:.2f}x) "
-                  f"| {r['peak_gb']:.2f} | {r['step_s']:.2f} ({r['step_s'] / reference['step_s']:.2f}x) | {r['loss']:.4f} "
+                  f"| {r['peak_gb']:.2f} | {r['step_s']:.2f} ({r['step_s'] / reference['step_s']:.2f}x) "
+                  f"| {r['first_loss'] - reference['first_loss']:+.4f} | {r['loss']:.4f} "
                   f"| {r['loss'] - reference['loss']:+.4f} |")
     return 0
 
