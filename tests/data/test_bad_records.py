@@ -283,3 +283,12 @@ def test_an_unreadable_file_is_one_error_naming_it(tmp_path):
     folder.mkdir()  # opening it fails as a file that cannot be read does (root ignores permissions)
     with pytest.raises(DataConfigError, match="not-a-file.jsonl: cannot read the file"):
         list(read_records(str(folder), FormatOptions()))
+
+
+def test_a_field_name_with_control_characters_keeps_the_reason_on_one_line():
+    """Found by the property test above: a key holding a newline was copied into the reason as is."""
+    from lorafit.data.json_records import unusable_value
+
+    reason = unusable_value({"history": {"\x1b[2J\rline\r\n": "\ud800"}})
+    assert reason == 'field history."\\u001b[2J\\rline\\r\\n" holds a lone UTF-16 surrogate (not valid Unicode text)'
+    assert unusable_value({"history": {"a key": "\ud800"}}).startswith("field history.a key holds")

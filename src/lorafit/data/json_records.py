@@ -130,7 +130,8 @@ def unusable_value(value) -> str | None:
             for key, child in item.items():
                 if not is_text(key):
                     return f"a key in {where or 'the record'} holds a lone UTF-16 surrogate (not valid Unicode text)"
-                pending.append((child, f"{where}.{key}" if where else key, depth + 1))
+                label = key if key and key.isprintable() else json.dumps(key)  # the reason stays one line
+                pending.append((child, f"{where}.{label}" if where else label, depth + 1))
         elif isinstance(item, list):
             pending.extend((child, f"{where}[{index}]", depth + 1) for index, child in enumerate(item))
     return None
