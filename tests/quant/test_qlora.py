@@ -12,7 +12,7 @@ from lorafit.errors import UserError
 from lorafit.lora import LoraConfig, add_lora, merge_lora
 from lorafit.models import load_model
 from lorafit.quant import QuantizationSpec
-from model_builders import build_tiny_llama
+from quant_specs import SPECS
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA tests need the qlora extra (bitsandbytes)")
 from lorafit.quant.bnb import (  # noqa: E402
@@ -22,17 +22,6 @@ from lorafit.quant.bnb import (  # noqa: E402
     quantized_layer_count,
     require_bitsandbytes,
 )
-
-SPECS = {"nf4": QuantizationSpec(bits=4), "fp4": QuantizationSpec(bits=4, quant_type="fp4", double_quant=False),
-         "int8": QuantizationSpec(bits=8)}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(folder)
-    return str(folder)
-
 
 def quantized(base_dir, kind: str):
     with warnings.catch_warnings():

@@ -13,21 +13,11 @@ from safetensors.torch import load_file, save_file
 from lorafit.models import load_model
 from lorafit.quant import QuantizationSpec
 from model_builders import build_tiny_llama, build_tiny_qwen2
+from quant_specs import SPECS
 
 pytest.importorskip("bitsandbytes", reason="QLoRA tests need the qlora extra (bitsandbytes)")
 from lorafit.quant.bnb import is_quantized_linear, quantization_config  # noqa: E402
 from lorafit.quant.load import checkpoint_tensors  # noqa: E402
-
-SPECS = {"nf4": QuantizationSpec(bits=4), "fp4": QuantizationSpec(bits=4, quant_type="fp4", double_quant=False),
-         "int8": QuantizationSpec(bits=8)}
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(folder)
-    return str(folder)
-
 
 def transformers_quantized(folder: str, spec: QuantizationSpec):
     """The previous path: transformers' own on-the-fly quantized loading, one map for the file."""
@@ -81,10 +71,10 @@ def assert_same_quantized_model(theirs, mine):
 
 
 @pytest.mark.parametrize("kind", SPECS)
-def test_quantized_weights_are_bit_identical_to_transformers_loading(llama_dir, kind):
+def test_quantized_weights_are_bit_identical_to_transformers_loading(base_dir, kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert_same_quantized_model(transformers_quantized(llama_dir, SPECS[kind]), ours(llama_dir, SPECS[kind]))
+        assert_same_quantized_model(transformers_quantized(base_dir, SPECS[kind]), ours(base_dir, SPECS[kind]))
 
 
 def test_bf16_checkpoint_with_tied_head_and_shards(tmp_path):
@@ -109,18 +99,18 @@ def test_bf16_checkpoint_with_tied_head_and_shards(tmp_path):
     assert mine.name_or_path == str(folder)
 
 
-def test_only_the_float_tensors_keep_a_map_of_the_file(llama_dir):
+def test_only_the_float_tensors_keep_a_map_of_the_file(base_dir):
     """transformers' own path keeps one map of the whole file open for the model's life; here the
     tensors that were quantized have released theirs, and the float ones (embeddings, norms, head)
     hold one map each."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = ours(llama_dir, SPECS["nf4"])
+        model = ours(base_dir, SPECS["nf4"])
     floats = sum(1 for name, p in model.named_parameters() if p.dtype.is_floating_point)
-    file = f"{llama_dir}/model.safetensors"
+    file = f"{base_dir}/model.safetensors"
     with open("/proc/self/maps") as maps:
         mapped = sum(1 for line in maps if line.rstrip().endswith(file))
-    assert 0 < mapped <= floats < len(checkpoint_tensors(llama_dir))
+    assert 0 < mapped <= floats < len(checkpoint_tensors(base_dir))
 
 
 def test_a_folder_without_safetensors_loads_the_usual_way(tmp_path):

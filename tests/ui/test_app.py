@@ -4,8 +4,6 @@ the export commands, and the chat endpoint streaming from a tiny adapter."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import socket
@@ -19,7 +17,7 @@ from lorafit.ui import exports
 from lorafit.ui.app import STATIC
 from lorafit.ui.form import default_values
 from lorafit.ui.runs import RUN_STATE
-from ui_helpers import serve_ui
+from ui_helpers import cli_error, serve_ui
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +25,6 @@ def server(tmp_path_factory):
     url, ui, stop = serve_ui(tmp_path_factory.mktemp("ui-app-runs"))
     yield httpx.Client(base_url=url, timeout=120), ui
     stop()
-
-
-def cli_error(*argv: str) -> str:
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        assert cli.main(["train", *argv]) == 2
-    text = stderr.getvalue()
-    return text[text.index("lorafit train: error: ") + len("lorafit train: error: "):].rstrip("\n")
 
 
 def test_the_page_loads_nothing_from_the_internet():

@@ -3,17 +3,15 @@ YAML -> form round trips, and bad input reported with the CLI's own message next
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import fields
 
 import pytest
 
-from lorafit import cli
 from lorafit.train.args import ARGUMENT_CLASSES, parse_train_args
 from lorafit.train.config_file import config_sections
 from lorafit.ui import checks, form
 from lorafit.ui.form import EXTRA_ARGS, FormError, command_line, config_yaml, default_values, form_argv, values_from_yaml
+from ui_helpers import cli_error
 
 
 def declared_defaults() -> dict:
@@ -83,15 +81,6 @@ def test_an_unknown_name_in_a_yaml_file_is_refused_with_the_cli_suggestion():
     with pytest.raises(FormError) as refused:
         values_from_yaml("lora_rnak: 4\n")
     assert refused.value.errors == {"config": "unknown argument 'lora_rnak' in the YAML file; did you mean --lora_rank?"}
-
-
-def cli_error(*argv: str) -> str:
-    """The message `lorafit train ARGV` prints (after 'lorafit train: error: '), exit 2."""
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        assert cli.main(["train", *argv]) == 2
-    text = stderr.getvalue()
-    return text[text.index("lorafit train: error: ") + len("lorafit train: error: "):].rstrip("\n")
 
 
 @pytest.mark.parametrize(("changes", "field_name"), [

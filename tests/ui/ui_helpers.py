@@ -1,12 +1,16 @@
-"""Helpers for the page's tests: its server in a thread, and where Chromium is."""
+"""Helpers for the page's tests: its server in a thread, where Chromium is, and the train CLI's own error
+message (what the page must show for the same mistake)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import signal
 from pathlib import Path
 
+from lorafit import cli
 from server_helpers import start_server
 
 BROWSER_ENV = "LORAFIT_UI_BROWSER"  # a Chromium binary, when it is not on PATH as chromium
@@ -31,3 +35,12 @@ def chromium_path() -> str | None:
     candidates = [os.environ.get(BROWSER_ENV), shutil.which("chromium"), shutil.which("chromium-browser"),
                   shutil.which("google-chrome")]
     return next((c for c in candidates if c and Path(c).exists()), None)
+
+
+def cli_error(*argv: str) -> str:
+    """The message `lorafit train ARGV` prints (after 'lorafit train: error: '), exit 2."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert cli.main(["train", *argv]) == 2
+    text = stderr.getvalue()
+    return text[text.index("lorafit train: error: ") + len("lorafit train: error: "):].rstrip("\n")

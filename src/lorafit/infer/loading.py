@@ -200,9 +200,11 @@ def load_for_inference(
     target_device = resolve_device(device)
     tokenizer = load_inference_tokenizer(base, adapter_path, template, trust_remote_code)
     if quantization is not None:
+        from lorafit.quant.bnb import device_map_for
+
         merge = False
         model = load_model(base, trust_remote_code=trust_remote_code, quantization=quantization,
-                           device_map={"": str(target_device) if target_device.type != "cuda" else target_device.index or 0})
+                           device_map=device_map_for(target_device))
     else:
         model = load_model(base, dtype=resolve_dtype(dtype, target_device), trust_remote_code=trust_remote_code)
     if adapter_path is not None:

@@ -199,11 +199,6 @@ def routing_of(model: nn.Module) -> AdapterRouting | None:
     return getattr(model, "lora_routing", None)
 
 
-def adapter_names(model: nn.Module) -> tuple[str, ...]:
-    routing = routing_of(model)
-    return routing.names if routing is not None else ()
-
-
 def _routing(model: nn.Module) -> AdapterRouting:
     routing = routing_of(model)
     if routing is None:
@@ -249,9 +244,3 @@ def route_rows(model: nn.Module, names: list[str | None]) -> Iterator[None]:
         yield
     finally:
         routing.active, routing.rows = before
-
-
-def switches(model: nn.Module) -> Iterator[tuple[str, AdapterSwitch]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterSwitch):
-            yield name, module

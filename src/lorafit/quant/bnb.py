@@ -47,6 +47,12 @@ def check_device(device: torch.device | str) -> None:
         raise UserError(f"--quantization_bit: bitsandbytes runs on cpu, cuda and xpu, not on {kind}")
 
 
+def device_map_for(device: torch.device) -> dict:
+    """bitsandbytes quantizes on the device the weights load to: the whole model onto `device`
+    (a CUDA device by its index, as transformers' device maps name them)."""
+    return {"": device.index or 0} if device.type == "cuda" else {"": str(device)}
+
+
 def quantization_config(spec: QuantizationSpec):
     """transformers' `BitsAndBytesConfig` for `spec` (quantization happens as the weights load)."""
     require_bitsandbytes()

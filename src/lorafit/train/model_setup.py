@@ -83,22 +83,21 @@ def attach_adapter(model, lora_args: LoraArguments):
     return add_lora(model, lora_config(lora_args))
 
 
-def quantized_device_map(training_args) -> dict:
-    """bitsandbytes quantizes on the device the weights load to: this process's device."""
-    device = training_args.device
-    return {"": str(device) if device.type != "cuda" else device.index or 0}
-
-
 def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArguments, training_args):
     """Load the base model and attach what will be trained; gradient checkpointing is LoRA-aware."""
     quantization = model_args.quantization(training_args)
     if quantization is not None and not lora_args.use_peft:
         raise UserError("--quantization_bit trains adapters on a frozen quantized base; "
                         "it cannot be combined with --use_peft false (full fine-tuning)")
+    device_map = None
+    if quantization is not None:
+        from lorafit.quant.bnb import device_map_for
+
+        device_map = device_map_for(training_args.device)
     model = load_model(
         model_path, dtype=base_dtype(model_args, lora_args, training_args),
         attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
-        quantization=quantization, device_map=quantized_device_map(training_args) if quantization else None,
+        quantization=quantization, device_map=device_map,
     )
     if quantization is not None:
         from lorafit.quant.bnb import prepare_for_kbit_training, quantized_layer_count
