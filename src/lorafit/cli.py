@@ -19,6 +19,10 @@ from lorafit.errors import TrainingStopped, UserError
 from lorafit.plain_output import use_plain_output
 
 DEBUG_FLAG = "--debug"
+# Import-time chatter of libraries that transformers imports for every command: bitsandbytes (via
+# peft) warns on CPUs with AVX512-BF16 that an optional 4-bit kernel could not be fetched from the
+# hub, which says nothing about the command at hand (4-bit layers fall back to its own kernels).
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -59,6 +63,13 @@ def split_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     return kept, debug
 
 
+def quiet_import_chatter() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, debug = split_debug_flag(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorafit: unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     use_plain_output()  # before the command imports transformers or datasets: they read the switches then
+    quiet_import_chatter()
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)

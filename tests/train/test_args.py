@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lorafit.errors import UserError
-from lorafit.train.args import parse_train_args, split_module_list
+from lorafit.train.args import ArgumentsError, parse_train_args, split_module_list
 from lorafit.train.config_file import write_config_yaml
 
 
@@ -102,6 +102,26 @@ def test_run_clm_recipe_arguments_are_accepted(tmp_path):
     assert split_module_list(config.lora.target_modules) == ["q_proj", "v_proj"]  # --trainable
     assert config.training.warmup_steps == 0.05  # --warmup_ratio
     assert config.training.overwrite_output_dir and config.training.activation_checkpointing
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--group_by_length"], "group_by_length"),
+    (["--group_by_length", "--seed", "3"], "group_by_length"),
+    (["--group_by_length", "false"], "random"),
+    (["--group_by_length=True"], "group_by_length"),
+    ([], "random"),
+])
+def test_group_by_length_is_transformers_5s_sampling_strategy(flags, expected):
+    config = parse_train_args(["--train_file", "a.json", *flags])
+    assert config.training.train_sampling_strategy == expected
+
+
+def test_group_by_length_in_a_file_and_a_bad_value(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train_file: a.json\ngroup_by_length: true\n")
+    assert parse_train_args([str(recipe)]).training.train_sampling_strategy == "group_by_length"
+    with pytest.raises(ArgumentsError, match="group_by_length: expected true or false, got 'sometimes'"):
+        parse_train_args(["--train_file", "a.json", "--group_by_length=sometimes"])
 
 
 def test_module_lists_regexes_and_all_linear():

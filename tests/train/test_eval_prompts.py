@@ -81,3 +81,29 @@ def test_replay_adds_the_base_models_finished_answers(quick_args, tmp_path, monk
     assert str(cached[0]) in (out / "README.md").read_text()  # trained on, and listed in the card
     assert train_main(args) == 0
     assert len(calls) == 1  # the second run reused the cache
+
+
+def test_the_embedded_models_replay_answers_ship_with_lorafit(embedded_model_path, smol_tokenizer, tmp_path,
+                                                              monkeypatch):
+    """The persona recipe on the default model trains at once: its replay answers are found under the
+    cache key (an edit of the built-in prompts or the chat template without remaking them fails here:
+    `python -m lorafit.train.replay`), and nothing is generated."""
+    from lorafit.data.templates import set_chat_template
+    from lorafit.train import replay
+
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("lorafit.models.embedded_model_dir", lambda: __import__("pathlib").Path(embedded_model_path))
+
+    def refuse(*a, **k):
+        raise AssertionError("generated answers that ship with lorafit")
+
+    monkeypatch.setattr(replay, "generate_answers", refuse)
+    set_chat_template(smol_tokenizer, "auto")
+    path = replay.replay_file(embedded_model_path, smol_tokenizer, replay.BUILTIN, max_new_tokens=128)
+    assert path.parent.name == replay.SHIPPED_FOLDER
+    builtin = [json.loads(line)["prompt"] for line in replay.prompts_path(replay.BUILTIN).read_text().splitlines()]
+    shipped = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    assert len(shipped) >= len(builtin) // 2
+    assert all(m[0]["content"] in builtin and m[-1]["role"] == "assistant" and m[-1]["content"] for m in shipped)
+    other = tmp_path / "other-model"  # any other base: no shipped answers under its key
+    assert replay.shipped_file(replay.cache_file(str(other), smol_tokenizer, [shipped[0][:1]], 128)) is None

@@ -49,6 +49,9 @@ RENAMED = {
     "bnb_4bit_use_double_quant": "double_quant",
     "bnb_4bit_compute_dtype": "compute_dtype",
 }
+# Boolean flags that transformers 5 turned into a choice: old name -> (new name, value if true, if false).
+BOOLEAN_TO_CHOICE = {"group_by_length": ("train_sampling_strategy", "group_by_length", "random")}
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "y", "t", "1"), ("false", "no", "n", "f", "0")
 
 
 class ArgumentsError(UserError):
@@ -381,20 +384,43 @@ def read_config_file(path: str, names: list[str]) -> dict:
     resolved = {}
     for key, value in values.items():
         name = RENAMED.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if name in BOOLEAN_TO_CHOICE:
+            name, value = _choice_of_boolean(name, value, f"{path}: {key}")
         if name not in names:
             raise _unknown_name_error(str(key), names, f"in {path}")
         resolved[name] = value
     return resolved
 
 
+def _choice_of_boolean(name: str, value, where: str) -> tuple[str, str]:
+    """`group_by_length: true` -> ("train_sampling_strategy", "group_by_length")."""
+    new_name, if_true, if_false = BOOLEAN_TO_CHOICE[name]
+    word = str(value).strip().lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise ArgumentsError(f"{where}: expected true or false, got {value!r}")
+    return new_name, if_true if word in TRUE_WORDS else if_false
+
+
 def _rename_flags(argv: list[str]) -> list[str]:
     renamed = []
-    for token in argv:
+    tokens = iter(argv)
+    for token in tokens:
         if token.startswith("--"):
             flag, eq, value = token[2:].partition("=")
             flag = flag.replace("-", "_")
             if flag in RENAMED:
                 token = f"--{RENAMED[flag]}{eq}{value}"
+            elif flag in BOOLEAN_TO_CHOICE:  # `--group_by_length`, `--group_by_length true` or `=true`
+                if not eq:
+                    value = "true"
+                    following = next(tokens, None)
+                    if following is not None and following.lower() in TRUE_WORDS + FALSE_WORDS:
+                        value = following
+                    elif following is not None:
+                        renamed.extend(_rename_flags([f"--{flag}=true", following]))
+                        continue
+                name, choice = _choice_of_boolean(flag, value, f"--{flag}")
+                token = f"--{name}={choice}"
         renamed.append(token)
     return renamed
 

