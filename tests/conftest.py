@@ -56,19 +56,27 @@ def smol_tokenizer(embedded_model_path):
     return load_tokenizer(embedded_model_path)
 
 
+def _save_tiny_smol_llama(tmp_path_factory, tokenizer, name: str, **sizes) -> str:
+    folder = tmp_path_factory.mktemp(name)
+    model = build_tiny_llama(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> str:
     """A tiny random Llama with the embedded tokenizer and chat template, saved as a model folder."""
-    folder = tmp_path_factory.mktemp("tiny-smol-llama")
-    model = build_tiny_llama(
-        vocab_size=len(smol_tokenizer),
-        bos_token_id=smol_tokenizer.bos_token_id,
-        eos_token_id=smol_tokenizer.eos_token_id,
-        pad_token_id=smol_tokenizer.pad_token_id,
-    )
-    model.save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return str(folder)
+    return _save_tiny_smol_llama(tmp_path_factory, smol_tokenizer, "tiny-smol-llama")
+
+
+@pytest.fixture(scope="session")
+def wide_tiny_model_dir(tmp_path_factory, smol_tokenizer) -> str:
+    """The same, 64 wide: bitsandbytes' 4-bit inference kernel for CPUs with AVX512-BF16 needs
+    in_features of at least its block size (64). QLoRA tests that load it quantized use this one."""
+    return _save_tiny_smol_llama(tmp_path_factory, smol_tokenizer, "wide-tiny-smol-llama",
+                                 hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture

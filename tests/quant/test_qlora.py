@@ -59,8 +59,10 @@ def test_quantized_layers_compute_with_their_dequantized_weight(base_dir, kind):
         x_in = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(2)) if layer.in_features != 64 else x
         with torch.no_grad():
             out, expected = layer(x_in).float(), x_in @ dequantized.t()
-        # 4-bit: dequantize, then a float32 GEMM (the same numbers); LLM.int8 also rounds the input to int8.
-        tolerance = 1e-5 if kind != "int8" else 3e-2
+        # 4-bit: dequantize, then a float32 GEMM (the same numbers), except on CPUs with AVX512-BF16,
+        # where bitsandbytes' inference kernel computes in bfloat16; LLM.int8 also rounds the input to int8.
+        bf16_kernel = getattr(layer, "support_avx512bf16_for_cpu", False)
+        tolerance = 3e-2 if kind == "int8" else 1e-2 if bf16_kernel else 1e-5
         assert (out - expected).norm() / expected.norm() < tolerance, name
         # and the quantized weight is the original within the format's error
         error = ((dequantized - original).norm() / original.norm()).item()

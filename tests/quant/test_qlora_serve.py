@@ -20,6 +20,12 @@ SPEC = QuantizationSpec.from_flags(4)
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 
 
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(wide_tiny_model_dir):
+    """These tests load the base 4-bit for inference: the 64-wide tiny model (tests/conftest.py)."""
+    return wide_tiny_model_dir
+
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir, tmp_path_factory):
     model = lorafit.add_lora(lorafit.models.load_model(tiny_model_dir),

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from lorafit.errors import UserError
@@ -98,8 +99,11 @@ def test_sigkill_at_random_instants_leaves_whole_checkpoints_and_resume_is_exact
         output_dir = tmp_path / f"run{attempt}"
         argv = run_args(output_dir, *EXACT_RESUME_ARGS, "--save_strategy", "steps", "--save_steps", "1",
                         "--save_total_limit", "2")
+        # As many threads as this process, which resumes the run and made the reference: on some CPUs
+        # the float sums of a matmul depend on how many threads share it.
+        env = subprocess_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
         process = subprocess.Popen(lorafit_command("train", *argv), stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True, env=subprocess_env())
+                                   stderr=subprocess.DEVNULL, text=True, env=env)
         try:
             after_step = rng.randint(1, 6)  # each step logs, then saves: the kill lands in a step or a save
             for line in process.stdout:

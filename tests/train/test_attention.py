@@ -127,3 +127,65 @@ def test_padded_batches_are_unpadded_into_one_row_with_the_same_loss_and_gradien
     assert abs(loss - expected_loss) <= 1e-5
     for grad, expected in zip(grads, expected_grads):
         assert ((grad - expected).norm() / expected.norm()) <= 1e-5
+
+
+def prefixed_examples(prefix_length: int = 7):
+    """Examples that begin with the same untrained tokens (a chat template's system prompt)."""
+    generator = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 128, (prefix_length,), generator=generator).tolist()
+    features = []
+    for length in LENGTHS:
+        ids = prefix + torch.randint(0, 128, (length,), generator=generator).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * (prefix_length + 2) + ids[prefix_length + 2:]})
+    return features, prefix_length
+
+
+@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_qwen2, build_tiny_gpt2])
+def test_a_shared_prefix_is_computed_once_with_the_same_loss_and_gradients(builder, monkeypatch):
+    features, prefix = prefixed_examples()
+    model = adapted(builder)
+    use_trained_token_loss(model)
+    batch = PaddingCollator(0)(features)
+    expected_loss, expected_grads = loss_and_grads(model, batch)  # stock sdpa, padded
+    use_training_attention(model)
+    rows = []
+    original = attention.unpad_to_packed_row
+    monkeypatch.setattr(attention, "unpad_to_packed_row", lambda *a: rows.append(original(*a)) or rows[-1])
+    loss, grads = loss_and_grads(model, batch)
+    assert abs(loss - expected_loss) <= 1e-5
+    for grad, expected in zip(grads, expected_grads):
+        assert ((grad - expected).norm() / expected.norm()) <= 1e-5
+    total = sum(prefix + length for length in LENGTHS)
+    assert rows[0][0].shape == (1, total - prefix * (len(LENGTHS) - 1))  # the prefix once
+    later = [prefix + p for length in LENGTHS[1:] for p in range(length)]
+    assert rows[0][1].tolist() == [list(range(prefix + LENGTHS[0])) + later]
+
+
+def test_no_prefix_is_shared_with_a_model_whose_attention_does_not_read_positions(monkeypatch):
+    """Shared only when a probe forward went through `lorafit_sdpa` by position_ids."""
+    features, prefix = prefixed_examples()
+    model = adapted(build_tiny_llama)
+    use_trained_token_loss(model)
+    use_training_attention(model)
+    batch = PaddingCollator(0)(features)
+    monkeypatch.setattr(attention, "_row_layout", lambda position_ids: ([(0, position_ids.shape[-1])], [0]))
+    rows = []
+    original = attention.unpad_to_packed_row
+    monkeypatch.setattr(attention, "unpad_to_packed_row", lambda *a: rows.append(original(*a)) or rows[-1])
+    with torch.no_grad():
+        model(**batch)
+        model(**batch)
+    assert all(row[0].shape == (1, sum(prefix + length for length in LENGTHS)) for row in rows)
+
+
+def test_only_an_untrained_common_prefix_is_shared():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 1, 2], [5, 6, 7, 8, 9, 10, 3, 0]])
+    real = torch.tensor([[1] * 8, [1] * 7 + [0]]).bool()
+    untrained = torch.full((2, 8), -100)
+    assert attention.shared_untrained_prefix(ids, real, untrained) == 6
+    trained = untrained.clone()
+    trained[1, 4] = 3  # a label predicted from position 4: the prefix stops before it
+    assert attention.shared_untrained_prefix(ids, real, trained) == 4
+    assert attention.shared_untrained_prefix(ids[:, :3], real[:, :3], untrained[:, :3]) == 0  # too short
+    assert attention.shared_untrained_prefix(ids[:1], real[:1], untrained[:1]) == 0  # one row
+    assert attention.shared_prefixes(torch.tensor([[0, 1, 2, 3, 2, 3, 0, 1, 5]])) == [0, 2, 0, 0]

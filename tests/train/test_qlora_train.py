@@ -24,6 +24,12 @@ def losses(output_dir):
     return [r["loss"] for r in records if r.get("loss") is not None]
 
 
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(wide_tiny_model_dir):
+    """These tests load the base 4-bit for inference: the 64-wide tiny model (tests/conftest.py)."""
+    return wide_tiny_model_dir
+
 @pytest.mark.parametrize("extra", [["--quantization_bit", "4"],
                                    ["--quantization_bit", "8"],
                                    ["--quantization_bit", "4", "--quant_type", "fp4", "--packing", "true",
@@ -34,8 +40,9 @@ def test_qlora_run_learns_and_saves_a_peft_adapter(tmp_path, quick_args, tiny_mo
     out = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert run.main(quick_args(out, "--learning_rate", "2e-2", "--max_steps", "6", *extra)) == 0
-    assert losses(out)[-1] < losses(out)[0]
+        assert run.main(quick_args(out, "--learning_rate", "2e-2", "--max_steps", "8", *extra)) == 0
+    logged = losses(out)
+    assert sum(logged[-3:]) < sum(logged[:3])  # learns: one batch's loss alone moves more than a few steps
     assert (out / "adapter_model.safetensors").is_file()
 
     spec = QuantizationSpec.from_flags(int(extra[1]), *(["fp4"] if "fp4" in extra else []))

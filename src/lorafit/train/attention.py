@@ -15,7 +15,13 @@ Two batch layouts make the stock `sdpa` path pay for scores nobody uses:
 
 A model using this attention may also take a right-padded batch apart into one packed row before
 its forward pass (`unpad_to_packed_row`, used by `lorafit.train.trained_token_loss`): the same
-numbers, no work for padding at all.
+numbers, no work for padding at all. Tokens that begin every example of the batch and are not
+trained (a chat template's system prompt: 25 of the ~60 tokens of a short persona record) are
+computed once: the row keeps them only for its first example, and each later example's positions
+start where the prefix ends. In a packed row, **an example whose positions start at s > 0 attends
+to the row's first s tokens** (when the row's first example starts at 0 and is that long), then to
+itself causally: the same keys and values it would have computed from the same tokens at the same
+positions, so the same numbers (their gradients summed over the examples that read them).
 
 `training_sdpa_forward` is registered with transformers' `AttentionInterface` as ``lorafit_sdpa``
 (with a mask builder that knows the second case); anything else (left padding, a KV cache, sliding
@@ -35,19 +41,45 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 
 NAME = "lorafit_sdpa"
 
-_cache: tuple | None = None  # (position_ids, its version, bounds): one row's bounds, shared by every layer
+MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth a separate key/value block
+_cache: tuple | None = None  # (position_ids, its version, bounds, prefixes): one row's, shared by every layer
+packed_calls = 0  # attention calls that took a packed row apart: proof that a model's attention reads position_ids
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     """[(start, end)] of the examples of one packed row: a new one wherever positions do not step by 1."""
+    return _row_layout(position_ids)[0]
+
+
+def shared_prefixes(position_ids: torch.Tensor) -> list[int]:
+    """For each example of the row, how many of the row's first tokens it reads as its prefix (0: none)."""
+    return _row_layout(position_ids)[1]
+
+
+def _row_layout(position_ids: torch.Tensor) -> tuple[list[tuple[int, int]], list[int]]:
     global _cache
     if _cache is not None and _cache[0] is position_ids and _cache[1] == position_ids._version:
-        return _cache[2]
+        return _cache[2], _cache[3]
     positions = position_ids.reshape(-1)
     starts = [0] + (torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1).tolist()
     bounds = list(zip(starts, starts[1:] + [positions.numel()]))
-    _cache = (position_ids, position_ids._version, bounds)
-    return bounds
+    first = positions[starts].tolist()
+    head = bounds[0][1] if first[0] == 0 else 0  # the row's first example, if it starts at position 0
+    prefixes = [0] + [offset if 0 < offset <= head else 0 for offset in first[1:]]
+    _cache = (position_ids, position_ids._version, bounds, prefixes)
+    return bounds, prefixes
+
+
+def _prefixed_attention(query, key, value, prefix: int, start: int, end: int, dropout: float, scaling,
+                        grouped_query: bool):
+    """Causal attention of tokens [start, end) over the row's first `prefix` tokens and themselves."""
+    length = end - start
+    keys = torch.cat([key[:, :, :prefix], key[:, :, start:end]], dim=2)
+    values = torch.cat([value[:, :, :prefix], value[:, :, start:end]], dim=2)
+    mask = torch.ones(length, prefix + length, dtype=torch.bool, device=query.device)
+    mask[:, prefix:] = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    return F.scaled_dot_product_attention(query[:, :, start:end], keys, values, attn_mask=mask, dropout_p=dropout,
+                                          scale=scaling, enable_gqa=grouped_query)
 
 
 def training_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -55,32 +87,73 @@ def training_sdpa_forward(module, query, key, value, attention_mask, dropout: fl
     """Attention per packed example (q, k, v: [1, heads, row, dim]); the stock sdpa otherwise."""
     packed = (position_ids is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1
               and position_ids.shape[-1] == query.shape[2] and kwargs.get("softcap") is None)
-    bounds = segment_bounds(position_ids) if packed else []
+    bounds, prefixes = _row_layout(position_ids) if packed else ([], [])
     if len(bounds) < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
+    global packed_calls
+    packed_calls += 1
     grouped_query = query.shape[1] != key.shape[1]
     outputs = [
+        _prefixed_attention(query, key, value, prefix, start, end, dropout, scaling, grouped_query) if prefix else
         F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
                                        dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=grouped_query)
-        for start, end in bounds
+        for (start, end), prefix in zip(bounds, prefixes)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, row, heads, dim], as sdpa returns
 
 
-def unpad_to_packed_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, shift_labels: torch.Tensor):
+def unpad_to_packed_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, shift_labels: torch.Tensor,
+                        share_prefix: bool = False):
     """A right-padded batch as one packed row: (ids [1, n], position_ids [1, n], shift_labels [1, n]).
 
     The same computation for every real token (each row becomes an example of the row, attending
     to itself only, at the positions it had), with no work at all for padding. Labels must be
     shifted before (within each row), so no example learns to predict the next one's first token.
-    None when the batch is not right-padded or has no padding to remove.
+    With `share_prefix`, the untrained prefix all rows begin with is kept once (module docstring);
+    only for a model whose attention is `training_sdpa_forward` and receives `position_ids`.
+    None when the batch is not right-padded or has nothing to remove.
     """
-    if attention_mask.dim() != 2 or bool(attention_mask.all()) or not is_right_padded(attention_mask):
+    if attention_mask.dim() != 2 or not is_right_padded(attention_mask):
         return None
     real = attention_mask.bool()
+    prefix = shared_untrained_prefix(input_ids, real, shift_labels) if share_prefix else 0
+    if bool(real.all()) and not prefix:
+        return None
     positions = torch.cumsum(real, dim=1) - 1
+    if prefix:  # the later rows read the first row's copy of the common prefix
+        real = real.clone()
+        real[1:, :prefix] = False
     return input_ids[real][None], positions[real][None], shift_labels[real][None]
+
+
+def shared_untrained_prefix(input_ids: torch.Tensor, real: torch.Tensor, shift_labels: torch.Tensor) -> int:
+    """The length of the token prefix every row of the batch begins with and trains nothing on (no
+    label predicted from it), shorter than every row; 0 when under `MIN_SHARED_PREFIX` or one row."""
+    if input_ids.shape[0] < 2:
+        return 0
+    lengths = real.sum(dim=1)
+    same = (input_ids == input_ids[:1]).all(dim=0) & (shift_labels == -100).all(dim=0) & real.all(dim=0)
+    limit = int(lengths.min()) - 1
+    differs = torch.nonzero(~same[:limit])
+    prefix = int(differs[0]) if differs.numel() else max(limit, 0)
+    return prefix if prefix >= MIN_SHARED_PREFIX else 0
+
+
+def reads_packed_positions(decoder, device) -> bool:
+    """Whether `decoder`'s attention is `training_sdpa_forward` receiving `position_ids`: one tiny
+    packed forward without gradients, in the mode the model is in (eval mode would make some layers
+    change themselves: bitsandbytes repacks 4-bit weights for CPU inference), with the random
+    number generators put back afterwards, so a run draws the same dropout masks with or without it."""
+    before = packed_calls
+    devices = [device] if torch.device(device).type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            decoder(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device),
+                    position_ids=torch.tensor([[0, 1, 0, 1]], device=device), use_cache=False)
+    except Exception:  # noqa: BLE001 - a probe: a model that cannot run it simply shares nothing
+        return False
+    return packed_calls > before
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
