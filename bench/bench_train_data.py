@@ -16,6 +16,7 @@ ratios: the peer's training time over ours, our peak RSS over the peer's.
     python bench/bench_train_data.py                                  # 64 alpaca examples, 1 epoch
     python bench/bench_train_data.py --examples 32 --jobs hf_peft,lorafit    # the memory job
     python bench/bench_train_data.py --data identity --epochs 3 --lr 5e-4 --jobs hf_peft,lorafit
+    python bench/bench_train_data.py --data persona --examples 0 --epochs 3 --lr 5e-4 --jobs hf_peft,lorafit
     python bench/bench_train_data.py --bf16 --examples 999 --batch 16           # on a GPU
 """
 
@@ -36,11 +37,12 @@ RESULT_MARK = "BENCH_RESULT "
 
 
 def write_data(args, folder: Path) -> Path:
-    if args.data == "identity":
+    if args.data in ("identity", "persona"):
         from lorafit.demo import DEFAULT_AUTHOR, DEFAULT_NAME, TRAIN_RESOURCE, identity_records, write_jsonl
 
-        records = identity_records(TRAIN_RESOURCE, DEFAULT_NAME, DEFAULT_AUTHOR)
-        return write_jsonl(records[: args.examples] if args.examples else records, folder / "identity.jsonl")
+        resource = TRAIN_RESOURCE if args.data == "identity" else "persona.jsonl"
+        records = identity_records(resource, DEFAULT_NAME, DEFAULT_AUTHOR)
+        return write_jsonl(records[: args.examples] if args.examples else records, folder / f"{args.data}.jsonl")
     records = json.loads(Path(args.data).read_text(encoding="utf-8"))[: args.examples]
     path = folder / "data.json"
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
@@ -130,7 +132,8 @@ def main() -> None:
     if "--run_peer" in sys.argv:
         return run_peer([a for a in sys.argv[1:] if a != "--run_peer"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ALPACA), help="an Alpaca-format JSON file, or 'identity' (lorafit's demo data)")
+    parser.add_argument("--data", default=str(ALPACA), help="an Alpaca-format JSON file, 'identity' (lorafit's 60 English identity records) or 'persona' "
+                             "(its 80-record persona set, 45 English and 35 Chinese)")
     parser.add_argument("--examples", type=int, default=64, help="first N records (0: all)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=float, default=1.0)
