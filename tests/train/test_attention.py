@@ -112,21 +112,28 @@ def test_segment_bounds_and_models_that_keep_their_attention():
     assert not use_training_attention(windowed)
 
 
-def test_padded_batches_are_unpadded_into_one_row_with_the_same_loss_and_gradients(monkeypatch):
-    model = adapted(build_tiny_llama)
+def unpadded_rows_with_stock_numbers(builder, features, monkeypatch) -> list:
+    """The packed rows `lorafit_sdpa` made of a padded batch, after checking that its loss and
+    gradients are stock sdpa's on the padded batch."""
+    model = adapted(builder)
     use_trained_token_loss(model)
-    batch = PaddingCollator(0)(examples())
+    batch = PaddingCollator(0)(features)
     expected_loss, expected_grads = loss_and_grads(model, batch)  # stock sdpa, padded
     use_training_attention(model)
     rows = []
     original = attention.unpad_to_packed_row
     monkeypatch.setattr(attention, "unpad_to_packed_row", lambda *a: rows.append(original(*a)) or rows[-1])
     loss, grads = loss_and_grads(model, batch)
-    assert rows[0][0].shape == (1, sum(LENGTHS))  # no padding left
-    assert rows[0][1].tolist() == [[p for length in LENGTHS for p in range(length)]]
     assert abs(loss - expected_loss) <= 1e-5
     for grad, expected in zip(grads, expected_grads):
         assert ((grad - expected).norm() / expected.norm()) <= 1e-5
+    return rows
+
+
+def test_padded_batches_are_unpadded_into_one_row_with_the_same_loss_and_gradients(monkeypatch):
+    rows = unpadded_rows_with_stock_numbers(build_tiny_llama, examples(), monkeypatch)
+    assert rows[0][0].shape == (1, sum(LENGTHS))  # no padding left
+    assert rows[0][1].tolist() == [[p for length in LENGTHS for p in range(length)]]
 
 
 def prefixed_examples(prefix_length: int = 7):
@@ -143,18 +150,7 @@ def prefixed_examples(prefix_length: int = 7):
 @pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_qwen2, build_tiny_gpt2])
 def test_a_shared_prefix_is_computed_once_with_the_same_loss_and_gradients(builder, monkeypatch):
     features, prefix = prefixed_examples()
-    model = adapted(builder)
-    use_trained_token_loss(model)
-    batch = PaddingCollator(0)(features)
-    expected_loss, expected_grads = loss_and_grads(model, batch)  # stock sdpa, padded
-    use_training_attention(model)
-    rows = []
-    original = attention.unpad_to_packed_row
-    monkeypatch.setattr(attention, "unpad_to_packed_row", lambda *a: rows.append(original(*a)) or rows[-1])
-    loss, grads = loss_and_grads(model, batch)
-    assert abs(loss - expected_loss) <= 1e-5
-    for grad, expected in zip(grads, expected_grads):
-        assert ((grad - expected).norm() / expected.norm()) <= 1e-5
+    rows = unpadded_rows_with_stock_numbers(builder, features, monkeypatch)
     total = sum(prefix + length for length in LENGTHS)
     assert rows[0][0].shape == (1, total - prefix * (len(LENGTHS) - 1))  # the prefix once
     later = [prefix + p for length in LENGTHS[1:] for p in range(length)]
