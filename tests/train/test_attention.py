@@ -185,3 +185,22 @@ def test_only_an_untrained_common_prefix_is_shared():
     assert attention.shared_untrained_prefix(ids[:, :3], real[:, :3], untrained[:, :3]) == 0  # too short
     assert attention.shared_untrained_prefix(ids[:1], real[:1], untrained[:1]) == 0  # one row
     assert attention.shared_prefixes(torch.tensor([[0, 1, 2, 3, 2, 3, 0, 1, 5]])) == [0, 2, 0, 0]
+
+
+def test_packed_rows_share_their_examples_prefix_too(monkeypatch):
+    features, prefix = prefixed_examples()
+    model = adapted(build_tiny_llama)
+    use_trained_token_loss(model)
+    batch = PackingCollator(0)(features)
+    expected_loss, expected_grads = loss_and_grads(model, batch)  # stock sdpa, block-diagonal mask
+    use_training_attention(model)
+    rows = []
+    original = attention.share_packed_prefix
+    monkeypatch.setattr(attention, "share_packed_prefix", lambda *a: rows.append(original(*a)) or rows[-1])
+    loss, grads = loss_and_grads(model, batch)
+    assert abs(loss - expected_loss) <= 1e-5
+    for grad, expected in zip(grads, expected_grads):
+        assert ((grad - expected).norm() / expected.norm()) <= 1e-5
+    assert rows[0][0].shape == (1, sum(prefix + length for length in LENGTHS) - prefix * (len(LENGTHS) - 1))
+    plain = PackingCollator(0)(examples())  # nothing in common
+    assert attention.share_packed_prefix(plain["input_ids"], plain["position_ids"], plain["labels"]) is None

@@ -127,6 +127,30 @@ def unpad_to_packed_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, s
     return input_ids[real][None], positions[real][None], shift_labels[real][None]
 
 
+def share_packed_prefix(input_ids: torch.Tensor, position_ids: torch.Tensor, shift_labels: torch.Tensor):
+    """A packed row ([1, n], positions restarting at 0 for every example) with the untrained prefix
+    all its examples begin with kept once, for the first example; (ids, position_ids, shift_labels)
+    or None when nothing is shared."""
+    if input_ids.shape[0] != 1 or position_ids.shape != input_ids.shape:
+        return None
+    bounds = segment_bounds(position_ids)
+    positions, ids, labels = position_ids[0], input_ids[0], shift_labels[0]
+    if len(bounds) < 2 or any(int(positions[start]) != 0 for start, _ in bounds):
+        return None
+    limit = min(end - start for start, end in bounds) - 1
+    same = torch.ones(max(limit, 0), dtype=torch.bool, device=ids.device)
+    for start, _ in bounds:
+        same &= (ids[start:start + limit] == ids[:limit]) & (labels[start:start + limit] == -100)
+    differs = torch.nonzero(~same)
+    prefix = int(differs[0]) if differs.numel() else max(limit, 0)
+    if prefix < MIN_SHARED_PREFIX:
+        return None
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    for start, _ in bounds[1:]:
+        keep[start:start + prefix] = False
+    return input_ids[:, keep], position_ids[:, keep], shift_labels[:, keep]
+
+
 def shared_untrained_prefix(input_ids: torch.Tensor, real: torch.Tensor, shift_labels: torch.Tensor) -> int:
     """The length of the token prefix every row of the batch begins with and trains nothing on (no
     label predicted from it), shorter than every row; 0 when under `MIN_SHARED_PREFIX` or one row."""

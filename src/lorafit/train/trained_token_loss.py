@@ -175,17 +175,21 @@ def use_trained_token_loss(model) -> bool:
         kwargs.pop("return_dict", None)
         if shift_labels is None:
             shift_labels = shift(labels)
-        if (attention_mask is not None and input_ids is not None and position_ids is None
-                and self.config._attn_implementation == attention.NAME):
+        if input_ids is not None and self.config._attn_implementation == attention.NAME:
             # A shared prefix only for a model whose attention takes packed rows apart by their
             # position_ids (otherwise the later examples would not see it): probed once, the same
             # way in a resumed run as in the whole one.
             if getattr(self, "_lorafit_shares_prefix", None) is None:
                 self._lorafit_shares_prefix = attention.reads_packed_positions(self.get_decoder(), input_ids.device)
-            unpadded = attention.unpad_to_packed_row(input_ids, attention_mask, shift_labels,
-                                                     self._lorafit_shares_prefix)
-            if unpadded is not None:
-                (input_ids, position_ids, shift_labels), attention_mask = unpadded, None
+            if attention_mask is not None and position_ids is None:
+                unpadded = attention.unpad_to_packed_row(input_ids, attention_mask, shift_labels,
+                                                         self._lorafit_shares_prefix)
+                if unpadded is not None:
+                    (input_ids, position_ids, shift_labels), attention_mask = unpadded, None
+            elif attention_mask is None and position_ids is not None and self._lorafit_shares_prefix:  # --packing
+                shared = attention.share_packed_prefix(input_ids, position_ids, shift_labels)
+                if shared is not None:
+                    input_ids, position_ids, shift_labels = shared
         outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
         loss = trained_token_loss(outputs.last_hidden_state, None, head_weight(self),
