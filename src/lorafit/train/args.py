@@ -403,8 +403,10 @@ def _choice_of_boolean(name: str, value, where: str) -> tuple[str, str]:
 
 def _rename_flags(argv: list[str]) -> list[str]:
     renamed = []
-    tokens = iter(argv)
-    for token in tokens:
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
         if token.startswith("--"):
             flag, eq, value = token[2:].partition("=")
             flag = flag.replace("-", "_")
@@ -413,12 +415,9 @@ def _rename_flags(argv: list[str]) -> list[str]:
             elif flag in BOOLEAN_TO_CHOICE:  # `--group_by_length`, `--group_by_length true` or `=true`
                 if not eq:
                     value = "true"
-                    following = next(tokens, None)
-                    if following is not None and following.lower() in TRUE_WORDS + FALSE_WORDS:
-                        value = following
-                    elif following is not None:
-                        renamed.extend(_rename_flags([f"--{flag}=true", following]))
-                        continue
+                    if index < len(argv) and argv[index].lower() in TRUE_WORDS + FALSE_WORDS:
+                        value = argv[index]
+                        index += 1
                 name, choice = _choice_of_boolean(flag, value, f"--{flag}")
                 token = f"--{name}={choice}"
         renamed.append(token)

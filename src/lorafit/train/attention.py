@@ -134,33 +134,37 @@ def share_packed_prefix(input_ids: torch.Tensor, position_ids: torch.Tensor, shi
     if input_ids.shape[0] != 1 or position_ids.shape != input_ids.shape:
         return None
     bounds = segment_bounds(position_ids)
-    positions, ids, labels = position_ids[0], input_ids[0], shift_labels[0]
-    if len(bounds) < 2 or any(int(positions[start]) != 0 for start, _ in bounds):
+    if any(int(position_ids[0, start]) != 0 for start, _ in bounds):
         return None
-    limit = min(end - start for start, end in bounds) - 1
-    same = torch.ones(max(limit, 0), dtype=torch.bool, device=ids.device)
-    for start, _ in bounds:
-        same &= (ids[start:start + limit] == ids[:limit]) & (labels[start:start + limit] == -100)
-    differs = torch.nonzero(~same)
-    prefix = int(differs[0]) if differs.numel() else max(limit, 0)
-    if prefix < MIN_SHARED_PREFIX:
+    prefix = common_untrained_prefix([input_ids[0, start:end] for start, end in bounds],
+                                     [shift_labels[0, start:end] for start, end in bounds])
+    if not prefix:
         return None
-    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep = torch.ones_like(input_ids[0], dtype=torch.bool)
     for start, _ in bounds[1:]:
         keep[start:start + prefix] = False
     return input_ids[:, keep], position_ids[:, keep], shift_labels[:, keep]
 
 
 def shared_untrained_prefix(input_ids: torch.Tensor, real: torch.Tensor, shift_labels: torch.Tensor) -> int:
-    """The length of the token prefix every row of the batch begins with and trains nothing on (no
-    label predicted from it), shorter than every row; 0 when under `MIN_SHARED_PREFIX` or one row."""
-    if input_ids.shape[0] < 2:
+    """`common_untrained_prefix` of the rows of a right-padded batch (`real`: its attention mask)."""
+    lengths = real.sum(dim=1).tolist()
+    return common_untrained_prefix([row[:n] for row, n in zip(input_ids, lengths)],
+                                   [row[:n] for row, n in zip(shift_labels, lengths)])
+
+
+def common_untrained_prefix(examples: list[torch.Tensor], shift_labels: list[torch.Tensor]) -> int:
+    """The length of the token prefix every example begins with and trains nothing on (no label
+    predicted from it), shorter than every example; 0 when under `MIN_SHARED_PREFIX` or one example."""
+    limit = min(len(ids) for ids in examples) - 1
+    if len(examples) < 2 or limit < MIN_SHARED_PREFIX:
         return 0
-    lengths = real.sum(dim=1)
-    same = (input_ids == input_ids[:1]).all(dim=0) & (shift_labels == -100).all(dim=0) & real.all(dim=0)
-    limit = int(lengths.min()) - 1
-    differs = torch.nonzero(~same[:limit])
-    prefix = int(differs[0]) if differs.numel() else max(limit, 0)
+    first = examples[0][:limit]
+    same = torch.ones(limit, dtype=torch.bool, device=first.device)
+    for ids, labels in zip(examples, shift_labels):
+        same &= (ids[:limit] == first) & (labels[:limit] == -100)
+    differs = torch.nonzero(~same)
+    prefix = int(differs[0]) if differs.numel() else limit
     return prefix if prefix >= MIN_SHARED_PREFIX else 0
 
 
