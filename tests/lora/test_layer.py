@@ -73,3 +73,23 @@ def test_gradient_checkpointing_reaches_only_adapters(tiny_llama, use_reentrant)
     assert with_grad == {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
     assert all(".lora_" in n for n in with_grad) and len(with_grad) == 8
     assert all(p.grad.abs().sum() > 0 for n, p in tiny_llama.named_parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_replays_the_dropout_masks(tiny_llama, use_reentrant):
+    """The recomputed forward draws the same masks (their bits descend from torch's RNG, which checkpointing replays)."""
+    import copy
+
+    lorafit.add_lora(tiny_llama, lorafit.LoraConfig(target_modules="all-linear", lora_dropout=0.3, init_lora_weights=False))
+    tiny_llama.train()
+    checkpointed = copy.deepcopy(tiny_llama)
+    lorafit.enable_gradient_checkpointing(checkpointed, use_reentrant=use_reentrant)
+    ids = torch.randint(0, 128, (2, 8))
+    grads = []
+    for model in (tiny_llama, checkpointed):
+        torch.manual_seed(7)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -101,8 +101,10 @@ def test_cheap_dropout_mask_rate_and_expectation():
     torch.manual_seed(0)
     dropout = InputDropout(0.1).train()
     x = torch.ones(1000, 1000)
-    kept = dropout.mask(x).float().mean().item()
-    assert kept == pytest.approx(0.9, abs=2e-3)
+    mask = dropout.mask(x)
+    assert mask.dtype == x.dtype and set(mask.unique().tolist()) == {0.0, 1.0}  # a same-dtype multiply
+    assert mask.mean().item() == pytest.approx(0.9, abs=2e-3)
+    assert dropout.mask(x.bfloat16()).dtype == torch.bfloat16
     assert dropout(x).mean().item() == pytest.approx(1.0, abs=3e-3)  # unbiased, as nn.Dropout
     assert dropout.p == pytest.approx(0.1, abs=1 / 65536)
     assert not InputDropout(0.0).train().active

@@ -1,12 +1,21 @@
-"""Dropout on the adapter's input, with a mask that costs a quarter of `nn.Dropout`'s random numbers.
+"""Dropout on the adapter's input, with a mask that costs a fraction of `nn.Dropout`'s.
 
 `nn.Dropout` draws one random number per element (`bernoulli_`); on a CPU that was 14-16% of a
 LoRA training step, across the ~200 adapted layers of a small model. Here one 64-bit random
 integer gives four 16-bit ones, and an element is kept when its 16-bit number is at or above a
 threshold: the drop probability is `p` rounded to a multiple of 1/65536 (0.05 -> 0.0500031), and
 the kept elements are scaled by `1 / (1 - that p)`, so the expectation is exactly `x` as with
-`nn.Dropout`. The numbers come from torch's default generator, so seeding and the Trainer's
-checkpointed RNG state make runs (and resumed runs) reproducible as before.
+`nn.Dropout`.
+
+Where the random integers come from: on a GPU, torch's generator (Philox, in parallel). On a CPU
+torch's generator is a single-threaded Mersenne Twister; numpy's PCG64-DXSM makes the same number
+of bits in less than half the time, so a CPU mask draws one 62-bit seed from torch's default
+generator and lets PCG64-DXSM expand it. Either way every bit descends from torch's generator, so
+seeding, the Trainer's checkpointed RNG state (exact resume) and gradient checkpointing's replay of
+the forward pass see the same masks, as with any torch random op. The mask is made in the input's
+dtype by the comparison itself (`ge(out=)`): multiplying by a bool mask goes through a
+type-promoting loop that costs twice a same-dtype multiply, in the forward and again in the
+backward.
 
 The scale is not applied here: callers fold it into the (small) A matrix instead of paying an
 extra pass over the (large) input: `dropout(x) A^T = (x * mask) (A / (1 - p))^T`.
@@ -14,6 +23,7 @@ extra pass over the (large) input: `dropout(x) A^T = (x * mask) (A / (1 - p))^T`
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,11 +48,9 @@ class InputDropout(nn.Module):
         return self.training and self.p > 0
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        numel = x.numel()
-        words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=x.device)
-        # random_(from, to) draws from [from, to): every bit pattern but one (1 in 2^64), uniform.
-        noise = words.random_(-(1 << 63), (1 << 63) - 1).view(torch.int16)[:numel]
-        return (noise >= self.threshold).view(x.shape)
+        """1 where an element is kept, 0 where it is dropped, in x's dtype and shape."""
+        kept = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.ge(random_int16(x.numel(), x.device).view(x.shape), self.threshold, out=kept)
 
     def masked(self, x: torch.Tensor) -> torch.Tensor:
         """x * mask, unscaled (the caller scales A by `keep_scale`); x itself when inactive."""
@@ -54,3 +62,14 @@ class InputDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"
+
+
+def random_int16(numel: int, device: torch.device) -> torch.Tensor:
+    """`numel` uniform 16-bit integers, every bit descended from torch's default generator."""
+    if device.type == "cpu":
+        seed = int(torch.randint(0, 1 << 62, (1,)).item())
+        words = np.random.PCG64DXSM(seed).random_raw((numel + 3) // 4)
+        return torch.from_numpy(words.view(np.int16)[:numel])
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    # random_(from, to) draws from [from, to): every bit pattern but one (1 in 2^64), uniform.
+    return words.random_(-(1 << 63), (1 << 63) - 1).view(torch.int16)[:numel]
