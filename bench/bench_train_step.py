@@ -9,15 +9,23 @@ Each variant runs the same forward + backward + optimizer step on the same model
 and prints the median step time, tokens/s and peak memory, with ratios to the floor and between us
 and PEFT. Timings interleave the variants round by round so drift hits all of them alike.
 
+On a CPU the floor's own time moves by up to 15% from one process to the next (its full-logits
+loss allocates fresh 100 MB tensors each step, and where they land differs per process), while
+staying steady within one; `--processes N` runs the whole comparison in N fresh processes one
+after another and prints each one's figures and their medians.
+
     python bench/bench_train_step.py                      # CPU, the embedded model, fp32
+    python bench/bench_train_step.py --processes 5        # the same in 5 fresh processes, medians
     python bench/bench_train_step.py --device cuda --dtype bfloat16 --model random-1b --batch 8 --seq 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
+import sys
 import time
 import warnings
 
@@ -113,7 +121,11 @@ def main() -> None:
     parser.add_argument("--grad_ckpt", action="store_true")
     parser.add_argument("--variants", default="floor,lorafit,peft")
     parser.add_argument("--model_loss", action="store_true", help="lorafit with the model's own loss (full logits)")
+    parser.add_argument("--processes", type=int, default=1, help="repeat the comparison in this many fresh processes")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one process's figures, for --processes
     args = parser.parse_args()
+    if args.processes > 1:
+        return across_processes(args)
     dtype = getattr(torch, args.dtype)
     autocast_dtype = dtype if args.autocast and dtype != torch.float32 else None
     torch.manual_seed(0)
@@ -155,6 +167,48 @@ def main() -> None:
     if "lorafit" in times and "peft" in times:
         speedup = statistics.median(times["peft"]) / statistics.median(times["lorafit"])
         print(f"peft / lorafit step time: {speedup:.3f}  (>1 means lorafit is faster)")
+    if args.json:
+        print("JSON " + json.dumps({kind: statistics.median(values) for kind, values in times.items()}))
+
+
+def across_processes(args) -> None:
+    """The comparison in `args.processes` fresh processes, one after another: each one's medians, then theirs."""
+    forwarded = [a for a in sys.argv[1:] if not a.startswith("--processes")]
+    if "--processes" in sys.argv:  # "--processes N" as two words
+        at = sys.argv.index("--processes")
+        forwarded = sys.argv[1:at] + sys.argv[at + 2:]
+    runs = []
+    for index in range(args.processes):
+        done = subprocess.run([sys.executable, __file__, *forwarded, "--json"], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"process {index + 1} failed:\n{done.stderr[-2000:]}")
+        lines = done.stdout.splitlines()
+        runs.append(json.loads(next(line for line in lines if line.startswith("JSON "))[5:]))
+        if index == 0:
+            print(next(line for line in lines if line.startswith("device:")))
+    kinds = list(runs[0])
+    has = lambda *names: all(name in kinds for name in names)  # noqa: E731
+    header = "process " + "".join(f"{kind + ' ms':>12}" for kind in kinds)
+    header += (f"{'lorafit x floor':>16}" if has("floor", "lorafit") else "") + (f"{'peft / lorafit':>16}" if has("peft", "lorafit") else "")
+    print(header)
+
+    def row(label, figures):
+        line = f"{label:<8}" + "".join(f"{figures[kind] * 1e3:12.1f}" for kind in kinds)
+        if has("floor", "lorafit"):
+            line += f"{figures['lorafit'] / figures['floor']:16.3f}"
+        if has("peft", "lorafit"):
+            line += f"{figures['peft'] / figures['lorafit']:16.3f}"
+        return line
+
+    for index, figures in enumerate(runs):
+        print(row(str(index + 1), figures))
+    ratios = lambda a, b: [r[a] / r[b] for r in runs]  # noqa: E731
+    medians = {kind: statistics.median(r[kind] for r in runs) for kind in kinds}
+    print(row("median", medians) + "   (step times: median per variant)")
+    if has("floor", "lorafit"):
+        print(f"lorafit x floor, median of the per-process ratios: {statistics.median(ratios('lorafit', 'floor')):.3f}")
+    if has("peft", "lorafit"):
+        print(f"peft / lorafit, median of the per-process ratios: {statistics.median(ratios('peft', 'lorafit')):.3f}")
 
 
 if __name__ == "__main__":
