@@ -17,7 +17,7 @@ With g = m / ||W + s B A|| and the layer's input x (dropout applies to the low-r
 
     y = g * (W x) + g * s B A dropout(x) + bias
 
-which is computed as `addmm(g * base(x) + (1 - g) * bias, h, (g s B)^T)` with `h = dropout(x) A^T`:
+which is computed as `addmm(g * base(x) + (1 - g) * bias, h, (g s B / (1 - p))^T)` with `h = (x * mask) A^T`:
 g is folded into the small B, so beyond plain LoRA a DoRA layer costs one pass over its output
 (`g * base(x)`) and the norms. The norms are not computed from the (out x in) matrix W + s B A,
 which would be rebuilt at every call, but expanded:
@@ -78,10 +78,11 @@ def scale(layer) -> torch.Tensor:
     return layer.lora_magnitude_vector / weight_norm(layer).to(layer.lora_magnitude_vector.dtype)
 
 
-def output(layer, result: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """g * (result - bias) + bias + (g s B) h: `result` is base(x), `h` is dropout(x) A^T."""
+def output(layer, result: torch.Tensor, h: torch.Tensor, h_scale: float) -> torch.Tensor:
+    """g * (result - bias) + bias + (g c B) h: `result` is base(x), `h` is (x * mask) A^T, and
+    c = `h_scale` is s times dropout's 1 / (1 - p) (s alone without dropout)."""
     g = scale(layer)
-    b = (layer.lora_B.weight * (layer.scaling * g).unsqueeze(1)).to(h.dtype)
+    b = (layer.lora_B.weight * (h_scale * g).unsqueeze(1)).to(h.dtype)
     g = g.to(result.dtype)
     scaled = result * g
     bias = layer.bias

@@ -17,8 +17,9 @@ dtype by the comparison itself (`ge(out=)`): multiplying by a bool mask goes thr
 type-promoting loop that costs twice a same-dtype multiply, in the forward and again in the
 backward.
 
-The scale is not applied here: callers fold it into the (small) A matrix instead of paying an
-extra pass over the (large) input: `dropout(x) A^T = (x * mask) (A / (1 - p))^T`.
+The scale is not applied here: the LoRA layer folds it into the scalar its second matmul applies
+anyway (`addmm`'s alpha) instead of paying an extra pass over the (large) input:
+`s B dropout(x) A^T = (s / (1 - p)) B (x * mask) A^T`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class InputDropout(nn.Module):
         return torch.ge(random_int16(x.numel(), x.device).view(x.shape), self.threshold, out=kept)
 
     def masked(self, x: torch.Tensor) -> torch.Tensor:
-        """x * mask, unscaled (the caller scales A by `keep_scale`); x itself when inactive."""
+        """x * mask, unscaled (the caller applies `keep_scale`); x itself when inactive."""
         return x * self.mask(x) if self.active else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,9 @@ GPT-2's `Conv1D` stores W as (in x out) (`fan_in_fan_out`); A and B keep the usu
 only merging needs the transpose.
 
 How the update is computed, cheaply and exactly: dropout's mask is cheap (`lora/dropout.py`), its
-`1 / (1 - p)` scale and `alpha / r` are folded into the small A and B instead of passes over the
-large activations, and the update is added inside the second matmul (`addmm`), so an adapted layer
-costs two thin matmuls and one mask over its input. Layers that read the same input (q/k/v,
+`1 / (1 - p)` scale and `alpha / r` are one scalar that the second matmul applies (`addmm`'s
+alpha) as it adds the update to the base output, instead of passes over the large activations,
+so an adapted layer costs two thin matmuls and one mask over its input. Layers that read the same input (q/k/v,
 gate/up) share that mask and the first matmul (`lora/shared_input.py`); `low_rank_input` below is
 the plain path each group must equal.
 
@@ -130,10 +130,9 @@ class LoraLinear(nn.Module):
         return x.dtype
 
     def low_rank_input(self, x: torch.Tensor) -> torch.Tensor:
-        """`dropout(x) A^T`, the r-wide input of B (the plain path; groups compute it together)."""
+        """`(x * mask) A^T`, the r-wide input of B before dropout's `1 / (1 - p)` (the plain path;
+        groups compute it together); `forward` applies that scale with `alpha / r`."""
         a = self.lora_A.weight.to(self.compute_dtype(x))
-        if self.lora_dropout.active:
-            a = a * self.lora_dropout.keep_scale
         return F.linear(self.lora_dropout.masked(x).to(a.dtype), a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,15 +143,17 @@ class LoraLinear(nn.Module):
             h = self.shared_input.low_rank_input(self, x)
         else:
             h = self.low_rank_input(x)
+        # alpha / r and dropout's 1 / (1 - p) are one scalar, applied inside the GEMM below.
+        scale = self.scaling * (self.lora_dropout.keep_scale if self.lora_dropout.active else 1.0)
         if self.lora_magnitude_vector is not None:
-            return dora.output(self, result, h)
-        # Scaling B (out x r) instead of the update (tokens x out) saves a pass over the output.
-        b = (self.lora_B.weight * self.scaling).to(h.dtype)
+            return dora.output(self, result, h, scale)
+        b = self.lora_B.weight.to(h.dtype)
         if result.dtype == h.dtype and result.dim() >= 2:
-            # result + h B^T in one GEMM (beta = 1): no separate pass to add the update.
-            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+            # result + scale * h B^T in one GEMM (beta = 1, alpha = scale): no pass over the output to
+            # scale or add the update, no pass over B to scale it.
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
             return flat.view(result.shape)
-        return result + F.linear(h, b).to(result.dtype)
+        return result + (F.linear(h, b) * scale).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in the base weight's layout, computed in float32."""

@@ -41,7 +41,7 @@ SHARED_INPUT_NAMES = (
 
 
 class SharedInputGroup:
-    """The members' low-rank inputs `dropout(x) A_i^T`, computed together for one input `x`."""
+    """The members' low-rank inputs `(x * mask) A_i^T`, computed together for one input `x`."""
 
     def __init__(self, members: list[nn.Module]):
         self.members = members
@@ -70,10 +70,7 @@ class SharedInputGroup:
         first = self.members[0]
         dtype = first.compute_dtype(x)
         a = torch.cat([member.lora_A.weight for member in self.members]).to(dtype)
-        dropout = first.lora_dropout
-        if dropout.active:
-            a = a * dropout.keep_scale
-        h = F.linear(dropout.masked(x).to(dtype), a)
+        h = F.linear(first.lora_dropout.masked(x).to(dtype), a)  # before 1 / (1 - p), as the plain path
         self._slices = list(h.split([member.r for member in self.members], dim=-1))
         self._key, self._held, self._pending = key, x, len(self.members)
 
