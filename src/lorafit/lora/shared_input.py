@@ -58,7 +58,7 @@ class SharedInputGroup:
     def low_rank_input(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         key = self._key_for(x, layer)
         if self._pending == 0 or self._held is not x or key != self._key:
-            self._compute(x, key)
+            self._compute(x, key, layer)
         index = next(i for i, member in enumerate(self.members) if member is layer)
         h = self._slices[index]
         self._pending -= 1
@@ -66,11 +66,12 @@ class SharedInputGroup:
             self._key, self._slices, self._held = None, [], None
         return h
 
-    def _compute(self, x: torch.Tensor, key: tuple) -> None:
-        first = self.members[0]
-        dtype = first.compute_dtype(x)
+    def _compute(self, x: torch.Tensor, key: tuple, layer: nn.Module) -> None:
+        dtype = layer.compute_dtype(x)
         a = torch.cat([member.lora_A.weight for member in self.members]).to(dtype)
-        h = F.linear(first.lora_dropout.masked(x).to(dtype), a)  # before 1 / (1 - p), as the plain path
+        # masked as the calling layer's mode says (members in the other mode recompute: the key
+        # holds it), before dropout's 1 / (1 - p), as the plain path
+        h = F.linear(layer.lora_dropout.masked(x).to(dtype), a)
         self._slices = list(h.split([member.r for member in self.members], dim=-1))
         self._key, self._held, self._pending = key, x, len(self.members)
 
