@@ -171,12 +171,22 @@ def main() -> None:
         print("JSON " + json.dumps({kind: statistics.median(values) for kind, values in times.items()}))
 
 
+def without_processes(argv: list[str]) -> list[str]:
+    """ARGV less `--processes N` / `--processes=N`: what each child process runs with."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            kept.append(arg)
+    return kept
+
+
 def across_processes(args) -> None:
     """The comparison in `args.processes` fresh processes, one after another: each one's medians, then theirs."""
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--processes")]
-    if "--processes" in sys.argv:  # "--processes N" as two words
-        at = sys.argv.index("--processes")
-        forwarded = sys.argv[1:at] + sys.argv[at + 2:]
+    forwarded = without_processes(sys.argv[1:])
     runs = []
     for index in range(args.processes):
         done = subprocess.run([sys.executable, __file__, *forwarded, "--json"], capture_output=True, text=True)
@@ -187,29 +197,20 @@ def across_processes(args) -> None:
         if index == 0:
             print(next(line for line in lines if line.startswith("device:")))
     kinds = list(runs[0])
-    has = lambda *names: all(name in kinds for name in names)  # noqa: E731
-    header = "process " + "".join(f"{kind + ' ms':>12}" for kind in kinds)
-    header += (f"{'lorafit x floor':>16}" if has("floor", "lorafit") else "") + (f"{'peft / lorafit':>16}" if has("peft", "lorafit") else "")
-    print(header)
+    ratios = [(label, a, b) for label, a, b in (("lorafit x floor", "lorafit", "floor"), ("peft / lorafit", "peft", "lorafit"))
+              if a in kinds and b in kinds]
+    print("process " + "".join(f"{kind + ' ms':>12}" for kind in kinds) + "".join(f"{label:>16}" for label, _, _ in ratios))
 
     def row(label, figures):
-        line = f"{label:<8}" + "".join(f"{figures[kind] * 1e3:12.1f}" for kind in kinds)
-        if has("floor", "lorafit"):
-            line += f"{figures['lorafit'] / figures['floor']:16.3f}"
-        if has("peft", "lorafit"):
-            line += f"{figures['peft'] / figures['lorafit']:16.3f}"
-        return line
+        return (f"{label:<8}" + "".join(f"{figures[kind] * 1e3:12.1f}" for kind in kinds)
+                + "".join(f"{figures[a] / figures[b]:16.3f}" for _, a, b in ratios))
 
     for index, figures in enumerate(runs):
         print(row(str(index + 1), figures))
-    ratios = lambda a, b: [r[a] / r[b] for r in runs]  # noqa: E731
     medians = {kind: statistics.median(r[kind] for r in runs) for kind in kinds}
     print(row("median", medians) + "   (step times: median per variant)")
-    if has("floor", "lorafit"):
-        print(f"lorafit x floor, median of the per-process ratios: {statistics.median(ratios('lorafit', 'floor')):.3f}")
-    if has("peft", "lorafit"):
-        print(f"peft / lorafit, median of the per-process ratios: {statistics.median(ratios('peft', 'lorafit')):.3f}")
-
+    for label, a, b in ratios:
+        print(f"{label}, median of the per-process ratios: {statistics.median(r[a] / r[b] for r in runs):.3f}")
 
 if __name__ == "__main__":
     main()
