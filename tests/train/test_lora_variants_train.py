@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 
 import lorafit
 from lorafit.train import run
-from lorafit.train.args import ArgumentsError, parse_train_args
+from lorafit.train.args import ArgumentsError, LastLayers, parse_train_args
 from lorafit.train.trainer import LorafitTrainer
 from model_builders import build_tiny_llama
 
@@ -31,6 +31,28 @@ def test_variant_flags_parse_and_bad_values_are_named():
                           (["--loraplus_lr_ratio", "4", "--use_peft", "false"], "--use_peft false")]:
         with pytest.raises(ArgumentsError, match=message):
             parse_train_args(argv)
+
+
+def test_the_top_blocks_of_any_model_by_count_or_percent():
+    assert parse_train_args(["--layers_to_transform", "last 10"]).lora.layers_to_transform == LastLayers(10)
+    assert parse_train_args(["--layers_to_transform", "Last 33%"]).lora.layers_to_transform == LastLayers(33, True)
+    assert LastLayers(33, True).indices(30) == list(range(20, 30))  # 9.9 blocks -> 10
+    assert LastLayers(33, True).indices(24) == list(range(16, 24))
+    assert LastLayers(1, True).indices(12) == [11]  # never none
+    assert LastLayers(40).indices(30) == list(range(30))
+    for bad in ("last", "last 0", "last 101%", "last -3", "lastly 4"):
+        with pytest.raises(ArgumentsError, match="expected 'last N'"):
+            parse_train_args(["--layers_to_transform", bad])
+
+
+def test_last_layers_resolve_to_indices_in_the_adapter_and_rerun_as_written(tmp_path, quick_args):
+    out = tmp_path / "top"
+    assert run.main(quick_args(out, "--layers_to_transform", "last 50%", "--target_modules", "all-linear")) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1]  # the tiny model has 2 blocks
+    trained = load_file(str(out / "adapter_model.safetensors"))
+    assert trained and all(".layers.1." in key for key in trained)
+    assert "layers_to_transform: last 50%" in (out / "lorafit_config.yaml").read_text()
 
 
 def loraplus_trainer(tmp_path, model, ratio=16.0, **args):

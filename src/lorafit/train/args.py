@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -152,7 +153,8 @@ class LoraArguments:
     )
     layers_to_transform: Optional[str] = field(
         default=None,
-        metadata={"help": "adapt only these block indices: a comma list and/or ranges, e.g. 15-29 or 0,2,4-7 "
+        metadata={"help": "adapt only these block indices: a comma list and/or ranges, e.g. 15-29 or 0,2,4-7, "
+                          "or the top blocks of any model: 'last 10', 'last 33%%' "
                           "(with a list of target_modules or all-linear)"},
     )
     layers_pattern: Optional[str] = field(
@@ -212,21 +214,50 @@ def parse_init_lora_weights(value) -> bool | str:
     return parsed
 
 
-def parse_layer_indices(value) -> list[int] | None:
-    """'15-29' or '0,2,4-7' (or a YAML list / integer) -> sorted indices; None stays None."""
+@dataclass(frozen=True)
+class LastLayers:
+    """`--layers_to_transform last 10` or `last 33%`: the top blocks of whatever model is loaded,
+    resolved to indices once the model is there (`train/model_setup.py`)."""
+
+    count: int
+    percent: bool = False
+
+    def indices(self, blocks: int) -> list[int]:
+        count = max(1, round(blocks * self.count / 100)) if self.percent else min(self.count, blocks)
+        return list(range(blocks - count, blocks))
+
+    def __str__(self) -> str:
+        return f"last {self.count}{'%' if self.percent else ''}"
+
+
+def parse_layer_indices(value) -> list[int] | LastLayers | None:
+    """'15-29' or '0,2,4-7' (or a YAML list / integer) -> sorted indices; 'last 10' or 'last 33%' ->
+    LastLayers (the model's top blocks); None stays None."""
     if value is None or (isinstance(value, str) and value.strip() in ("", "none", "None")):
         return None
     if isinstance(value, int):
         value = [value]
+    if isinstance(value, str) and value.strip().lower().startswith("last"):
+        return _parse_last_layers(value)
     parts = [str(v).strip() for v in value] if isinstance(value, list) else str(value).split(",")
     indices = set()
     for part in (p.strip() for p in parts if p.strip()):
         low, dash, high = part.partition("-")
         if not (low.isdigit() and (not dash or high.isdigit())) or (dash and int(high) < int(low)):
             raise ArgumentsError(f"--layers_to_transform {value!r}: expected layer indices and ranges such as "
-                                 f"15-29 or 0,2,4-7, got {part!r}")
+                                 f"15-29 or 0,2,4-7, or the top blocks as 'last 10' or 'last 33%', got {part!r}")
         indices.update(range(int(low), int(high if dash else low) + 1))
     return sorted(indices) or None
+
+
+def _parse_last_layers(value: str) -> LastLayers:
+    found = re.fullmatch(r"last\s*(\d+)\s*(%?)", value.strip().lower())
+    count = int(found.group(1)) if found else 0
+    percent = bool(found and found.group(2))
+    if not found or count == 0 or (percent and count > 100):
+        raise ArgumentsError(f"--layers_to_transform {value!r}: expected 'last N' (the top N blocks) or "
+                             "'last P%' (the top P percent of the blocks, 1-100), e.g. 'last 10' or 'last 33%'")
+    return LastLayers(count, percent)
 
 
 def split_module_list(value) -> list[str] | str | None:

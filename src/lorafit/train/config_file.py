@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from lorafit.train.args import TrainConfig
+from lorafit.train.args import LastLayers, TrainConfig
 
 # Never written to lorafit_config.yaml: secrets, and fields that only describe this process.
 NOT_WRITTEN = {"hub_token", "push_to_hub_token", "local_rank", "warmup_ratio", "overwrite_output_dir",
@@ -29,6 +29,8 @@ MACHINE_DEFAULTS = {"use_cpu", "dataloader_pin_memory", "bf16"}
 def _plain(value):
     if isinstance(value, Enum):
         return value.value
+    if isinstance(value, LastLayers):  # written as given ('last 33%'), resolved again on rerun
+        return str(value)
     if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
         return str(value)
     if isinstance(value, (list, tuple)):

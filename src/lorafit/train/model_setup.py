@@ -16,7 +16,8 @@ import torch
 from lorafit.errors import UserError
 from lorafit.lora import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, share_inputs
 from lorafit.models import load_model
-from lorafit.train.args import LoraArguments, ModelArguments, split_module_list
+from lorafit.lora.inject import layer_index
+from lorafit.train.args import LastLayers, LoraArguments, ModelArguments, split_module_list
 from lorafit.train.attention import use_training_attention
 from lorafit.train.trained_token_loss import use_trained_token_loss
 
@@ -35,20 +36,35 @@ def base_dtype(model_args: ModelArguments, lora_args: LoraArguments, training_ar
     return torch.float32
 
 
-def lora_config(lora_args: LoraArguments) -> LoraConfig:
+def lora_config(lora_args: LoraArguments, layers: list[int] | None) -> LoraConfig:
     try:
-        return LoraConfig(**_variant_kwargs(lora_args))
+        return LoraConfig(**_variant_kwargs(lora_args, layers))
     except ValueError as error:
         raise UserError(f"LoRA arguments: {error}") from None
 
 
-def peft_lora_config(lora_args: LoraArguments):
+def peft_lora_config(lora_args: LoraArguments, layers: list[int] | None):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(task_type="CAUSAL_LM", **_variant_kwargs(lora_args))
+    return PeftLoraConfig(task_type="CAUSAL_LM", **_variant_kwargs(lora_args, layers))
 
 
-def _variant_kwargs(lora_args: LoraArguments) -> dict:
+def selected_layers(lora_args: LoraArguments, model) -> list[int] | None:
+    """`--layers_to_transform` as block indices of MODEL ('last 33%' of a 30-block model: 20-29)."""
+    spec = lora_args.layers_to_transform
+    if not isinstance(spec, LastLayers):
+        return spec
+    found = {layer_index(name, lora_args.layers_pattern) for name, _ in model.named_modules()}
+    found.discard(None)
+    if not found:
+        raise UserError(f"--layers_to_transform {spec}: found no numbered blocks in {type(model).__name__}'s "
+                        "module names (give --layers_pattern, the name of its block list)")
+    layers = spec.indices(max(found) + 1)
+    logger.info("--layers_to_transform %s: blocks %d-%d of %d", spec, layers[0], layers[-1], max(found) + 1)
+    return layers
+
+
+def _variant_kwargs(lora_args: LoraArguments, layers: list[int] | None) -> dict:
     """The LoraConfig keyword arguments of `lorafit train`'s LoRA flags (the same names in PEFT)."""
     return dict(
         r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
@@ -56,7 +72,7 @@ def _variant_kwargs(lora_args: LoraArguments) -> dict:
         exclude_modules=split_module_list(lora_args.exclude_modules),
         modules_to_save=split_module_list(lora_args.modules_to_save), use_rslora=lora_args.use_rslora,
         use_dora=lora_args.use_dora, init_lora_weights=lora_args.init_lora_weights,
-        layers_to_transform=lora_args.layers_to_transform, layers_pattern=lora_args.layers_pattern,
+        layers_to_transform=layers, layers_pattern=lora_args.layers_pattern,
     )
 
 
@@ -74,13 +90,13 @@ def attach_adapter(model, lora_args: LoraArguments):
         try:
             if lora_args.peft_path:
                 return PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
-            return get_peft_model(model, peft_lora_config(lora_args))
+            return get_peft_model(model, peft_lora_config(lora_args, selected_layers(lora_args, model)))
         except ValueError as error:  # e.g. target modules that match nothing
             raise UserError(f"--lora_impl peft: {error}") from None
     if lora_args.peft_path:
         logger.info("continuing adapter %s (its own LoRA settings apply)", lora_args.peft_path)
         return load_adapter(model, lora_args.peft_path, trainable=True)
-    return add_lora(model, lora_config(lora_args))
+    return add_lora(model, lora_config(lora_args, selected_layers(lora_args, model)))
 
 
 def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArguments, training_args):
