@@ -59,8 +59,9 @@ def selected_layers(lora_args: LoraArguments, model) -> list[int] | None:
     if not found:
         raise UserError(f"--layers_to_transform {spec}: found no numbered blocks in {type(model).__name__}'s "
                         "module names (give --layers_pattern, the name of its block list)")
-    layers = spec.indices(max(found) + 1)
-    logger.info("--layers_to_transform %s: blocks %d-%d of %d", spec, layers[0], layers[-1], max(found) + 1)
+    blocks = max(found) + 1
+    layers = spec.indices(blocks)
+    logger.info("--layers_to_transform %s: blocks %d-%d of %d", spec, layers[0], layers[-1], blocks)
     return layers
 
 
