@@ -12,10 +12,11 @@ torch's generator is a single-threaded Mersenne Twister; numpy's PCG64-DXSM make
 of bits in less than half the time, so a CPU mask draws one 62-bit seed from torch's default
 generator and lets PCG64-DXSM expand it. Either way every bit descends from torch's generator, so
 seeding, the Trainer's checkpointed RNG state (exact resume) and gradient checkpointing's replay of
-the forward pass see the same masks, as with any torch random op. The mask is made in the input's
-dtype by the comparison itself (`ge(out=)`): multiplying by a bool mask goes through a
-type-promoting loop that costs twice a same-dtype multiply, in the forward and again in the
-backward.
+the forward pass see the same masks, as with any torch random op. The mask is a bool tensor and is
+applied with `where(mask, x, 0)`, forward and (autograd's `where` backward) backward: one byte per
+element kept for the backward pass instead of four, at the speed of the same-dtype multiply by a
+float mask it replaced (multiplying by the bool mask itself would go through a type-promoting loop
+that costs twice as much), and no pass copying the comparison's result into a float tensor.
 
 The scale is not applied here: the LoRA layer folds it into the scalar its second matmul applies
 anyway (`addmm`'s alpha) instead of paying an extra pass over the (large) input:
@@ -49,13 +50,12 @@ class InputDropout(nn.Module):
         return self.training and self.p > 0
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """1 where an element is kept, 0 where it is dropped, in x's dtype and shape."""
-        kept = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        return torch.ge(random_int16(x.numel(), x.device).view(x.shape), self.threshold, out=kept)
+        """True where an element is kept, False where it is dropped, in x's shape."""
+        return torch.ge(random_int16(x.numel(), x.device).view(x.shape), self.threshold)
 
     def masked(self, x: torch.Tensor) -> torch.Tensor:
-        """x * mask, unscaled (the caller applies `keep_scale`); x itself when inactive."""
-        return x * self.mask(x) if self.active else x
+        """x where kept, 0 where dropped, unscaled (the caller applies `keep_scale`); x itself when inactive."""
+        return torch.where(self.mask(x), x, 0.0) if self.active else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The usual, scaled dropout (for callers that do not fold the scale elsewhere)."""
