@@ -116,6 +116,21 @@ def test_cheap_dropout_mask_rate_and_expectation():
     assert torch.equal(first, dropout.mask(x))  # seeded like every torch RNG use (exact resume)
 
 
+def test_dropout_keeps_a_one_byte_mask_for_backward():
+    """What autograd keeps of an adapted layer with dropout: the input and its masked copy in x's
+    dtype (both needed for gradients) and the mask as bool, not a third full-size float tensor."""
+    layer = LoraLinear(torch.nn.Linear(32, 16, bias=False), r=4, lora_alpha=8, lora_dropout=0.2).train()
+    x = torch.randn(6, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    full_size = [t for t in saved if t.shape == x.shape]
+    assert sorted(str(t.dtype) for t in full_size) == ["torch.bool", "torch.float32", "torch.float32"]
+    mask = next(t for t in full_size if t.dtype == torch.bool)
+    masked = next(t for t in full_size if t.dtype == torch.float32 and t is not x)
+    assert torch.equal(masked, torch.where(mask, x.detach(), 0.0))  # the copy A's gradient reads
+
+
 def test_grouped_path_matches_real_peft(tiny_llama):
     peft = pytest.importorskip("peft")
     import copy
