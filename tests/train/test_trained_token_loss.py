@@ -65,6 +65,44 @@ def test_chunks_do_not_change_the_result():
         torch.testing.assert_close(grad_weight, expected_grads[1])
 
 
+def test_soft_targets_are_the_cross_entropy_to_their_weights():
+    """Rows with soft targets (replay distillation) against the plain formula, sum_v w(v) * (-log q(v))
+    for a row of weights w (a row whose weights sum to s counts s times), hard rows unchanged, in
+    any chunking."""
+    hidden = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :3] = -100
+    trained = labels[:, 1:] != -100
+    count = int(trained.sum())
+    token_ids = torch.stack([torch.randperm(50)[:3] for _ in range(count)])
+    weights = torch.rand(count, 3, dtype=torch.float64) * 1.5  # sums of 0 to 4.5
+    weights[::2] = 0  # every other trained position keeps its label
+    weights[1, 2] = 0  # a zero weight among the kept tokens
+
+    targets = torch.zeros(count, 50, dtype=torch.float64).scatter_(1, token_ids, weights)
+    hard = weights.sum(-1) == 0
+    targets[hard] = torch.nn.functional.one_hot(labels[:, 1:][trained][hard], 50).double()
+    log_q = torch.log_softmax(hidden[:, :-1][trained] @ weight.T, dim=-1)
+    expected = -(targets * log_q).sum() / count
+    expected_grads = torch.autograd.grad(expected * 2.0, (hidden, weight))
+    for chunk_elements in (CHUNK_ELEMENTS, 50, 150):
+        loss = trained_token_loss(hidden, labels, weight, chunk_elements=chunk_elements,
+                                  soft_targets=(token_ids, weights))
+        grads = torch.autograd.grad(loss * 2.0, (hidden, weight))
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(grads[0], expected_grads[0])
+        torch.testing.assert_close(grads[1], expected_grads[1])
+
+
+def test_soft_targets_must_cover_every_trained_position():
+    hidden, weight = torch.randn(1, 5, 8), torch.randn(20, 8)
+    labels = torch.tensor([[-100, 1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="soft targets for 3 positions, but the batch trains 4"):
+        trained_token_loss(hidden, labels, weight, soft_targets=(torch.zeros(3, 2, dtype=torch.long),
+                                                                 torch.zeros(3, 2)))
+
+
 def test_evaluation_and_generation_are_unchanged(tiny_llama):
     ids, labels = batch()
     with torch.no_grad():

@@ -17,6 +17,13 @@ One condition: transformers looks for those restarts only when the forward pass 
 With ``use_cache=True`` (most configs' default) the packed examples silently attend to each other.
 The transformers 5 Trainer sets ``model.config.use_cache = args.use_cache`` (False by default); any
 other loop must call `prepare_model_for_packing(model)` (or pass ``use_cache=False``).
+
+Soft targets (replay distillation, `lorafit.train.replay_targets`): examples may carry
+``soft_target_ids`` / ``soft_target_weights``, one [K]-row per trained position: the tokens and
+their weights in the target (an empty list: the example keeps its labels). Both collators stack
+them in the order of the batch's trained positions, row after row, which is the order the loss
+reads them in, with zero rows (no soft target) for examples without; a batch with none gets no
+soft-target keys.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch
 
 from lorafit.data.errors import DataConfigError
 from lorafit.data.render import IGNORE_INDEX
+
+SOFT_TARGET_IDS, SOFT_TARGET_WEIGHTS = "soft_target_ids", "soft_target_weights"
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -48,7 +57,7 @@ class PaddingCollator:
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             labels[row, :length] = torch.as_tensor(feature.get("labels", feature["input_ids"]), dtype=torch.long)
             attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **soft_targets(features)}
 
 
 @dataclass
@@ -73,7 +82,29 @@ class PackingCollator:
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            **soft_targets(features),
         }
+
+
+def soft_targets(features: list[dict]) -> dict[str, torch.Tensor]:
+    """The batch's soft targets, [trained positions x K] ids and weights (module docstring)."""
+    if not any(feature.get(SOFT_TARGET_IDS) for feature in features):
+        return {}
+    width = next(len(feature[SOFT_TARGET_IDS][0]) for feature in features if feature.get(SOFT_TARGET_IDS))
+    ids, weights = [], []
+    for feature in features:
+        labels = feature.get("labels", feature["input_ids"])
+        trained = sum(label != IGNORE_INDEX for label in labels[1:])
+        rows = feature.get(SOFT_TARGET_IDS) or []
+        if rows:
+            if len(rows) != trained:
+                raise ValueError(f"an example has soft targets for {len(rows)} positions but trains {trained}")
+            ids.append(torch.as_tensor(rows, dtype=torch.long))
+            weights.append(torch.as_tensor(feature[SOFT_TARGET_WEIGHTS], dtype=torch.float32))
+        else:
+            ids.append(torch.zeros((trained, width), dtype=torch.long))
+            weights.append(torch.zeros((trained, width), dtype=torch.float32))
+    return {SOFT_TARGET_IDS: torch.cat(ids), SOFT_TARGET_WEIGHTS: torch.cat(weights)}
 
 
 def pad_token_id(tokenizer) -> int:

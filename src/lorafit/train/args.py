@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -332,6 +333,22 @@ class LorafitTrainingArguments(TrainingArguments):
     replay_max_new_tokens: int = field(
         default=128, metadata={"help": "longest replay answer; answers the base model does not finish are dropped"}
     )
+    replay_distill_top_k: int = field(
+        default=0,
+        metadata={"help": "train the replay answers toward the base model's next-token distribution (its top K "
+                          "tokens at each answer position) instead of its greedy tokens only; 0: the tokens"},
+    )
+    replay_weight: float = field(
+        default=1.0,
+        metadata={"help": "with --replay_distill_top_k: each replay position counts this many times in the loss "
+                          "(a firmer anchor to the base model at > 1)"},
+    )
+    frozen_prefix_cache_gb: float = field(
+        default=2.0,
+        metadata={"help": "when only the top blocks train (--layers_to_transform), keep each example's hidden "
+                          "states below them from the first epoch and start later epochs there, if the training "
+                          "set's fit in this many GB (on the training device); 0: off"},
+    )
     eval_prompts: Optional[str] = field(
         default=None,
         metadata={"help": "a lorafit eval prompts file (prompts + checks) answered greedily at each evaluation; "
@@ -350,6 +367,18 @@ class LorafitTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ArgumentsError(f"--{name} must be at least 1, got {value}")
+        if self.replay_distill_top_k < 0:
+            raise ArgumentsError(f"--replay_distill_top_k must be 0 (off) or more, got {self.replay_distill_top_k}")
+        if self.frozen_prefix_cache_gb < 0:
+            raise ArgumentsError(f"--frozen_prefix_cache_gb must be 0 (off) or more, got {self.frozen_prefix_cache_gb}")
+        if self.replay_weight <= 0:
+            raise ArgumentsError(f"--replay_weight must be positive, got {self.replay_weight}")
+        if (self.replay_distill_top_k or self.replay_weight != 1.0) and not self.replay_prompts:
+            # a recipe's replay turned off from the command line (--replay_prompts ''): its targets go with it
+            logging.getLogger(__name__).warning("no --replay_prompts: --replay_distill_top_k and --replay_weight "
+                                                "have nothing to act on")
+        elif self.replay_weight != 1.0 and not self.replay_distill_top_k:
+            raise ArgumentsError("--replay_weight weighs the replay's soft targets: it needs --replay_distill_top_k K")
         if self.warmup_ratio is not None:
             if not 0.0 <= self.warmup_ratio < 1.0:
                 raise ArgumentsError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -33,6 +33,8 @@ run one by one.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -103,9 +105,19 @@ def training_sdpa_forward(module, query, key, value, attention_mask, dropout: fl
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, row, heads, dim], as sdpa returns
 
 
+class PackedRow(NamedTuple):
+    """A right-padded batch as one row: ids, positions and shifted labels [1, n], and how it was made:
+    `real`, the [batch, seq] mask of the kept tokens (row-major), and the shared prefix's length."""
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    shift_labels: torch.Tensor
+    real: torch.Tensor
+    prefix: int
+
+
 def unpad_to_packed_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, shift_labels: torch.Tensor,
-                        share_prefix: bool = False):
-    """A right-padded batch as one packed row: (ids [1, n], position_ids [1, n], shift_labels [1, n]).
+                        share_prefix: bool = False) -> PackedRow | None:
+    """A right-padded batch as one packed row (`PackedRow`).
 
     The same computation for every real token (each row becomes an example of the row, attending
     to itself only, at the positions it had), with no work at all for padding. Labels must be
@@ -124,7 +136,7 @@ def unpad_to_packed_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, s
     if prefix:  # the later rows read the first row's copy of the common prefix
         real = real.clone()
         real[1:, :prefix] = False
-    return input_ids[real][None], positions[real][None], shift_labels[real][None]
+    return PackedRow(input_ids[real][None], positions[real][None], shift_labels[real][None], real, prefix)
 
 
 def share_packed_prefix(input_ids: torch.Tensor, position_ids: torch.Tensor, shift_labels: torch.Tensor):

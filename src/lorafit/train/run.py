@@ -236,6 +236,33 @@ def add_replay_file(config: TrainConfig, model_path: str, tokenizer) -> None:
     config.data.train_file = [*config.data.train_file, str(path)]
 
 
+def distills_replay(config: TrainConfig) -> bool:
+    training = config.training
+    return bool(training.replay_prompts and config.data.train_file and training.replay_distill_top_k)
+
+
+def add_replay_targets(config: TrainConfig, model, model_path: str, prepared) -> None:
+    """The base model's top-k distributions as the replay rows' targets (`lorafit.train.replay_targets`),
+    computed before the first step, while the adapted model still equals the base."""
+    from lorafit.train.replay_targets import add_soft_targets
+    from lorafit.train.trained_token_loss import uses_trained_token_loss
+
+    training = config.training
+    if config.data.streaming:
+        raise UserError("--replay_distill_top_k needs the whole data set up front; it does not work with --streaming")
+    if not uses_trained_token_loss(model):
+        raise UserError("--replay_distill_top_k needs lorafit's trained-token loss, which this run does not use "
+                        "(a model whose head it cannot compute, --trained_token_loss false, --lora_impl peft or "
+                        "--use_liger_kernel); leave it at 0")
+    replay_path = config.data.train_file[-1]  # add_replay_file put it last
+    with training.main_process_first(desc="replay targets"):  # one process computes and caches them
+        prepared.train = add_soft_targets(prepared.train, model, model_path, replay_path,
+                                          training.replay_distill_top_k, training.replay_weight)
+    prepared.train = prepared.train.remove_columns("source")
+    if prepared.eval is not None and "source" in prepared.eval.column_names:
+        prepared.eval = prepared.eval.remove_columns("source")
+
+
 def describe_trainable(model) -> str:
     trainable, total = lorafit.trainable_parameters(model)
     return f"trainable parameters: {trainable:,d} of {total:,d} ({100 * trainable / max(total, 1):.3f}%)"
@@ -256,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     from lorafit.data.pipeline import build_datasets
     from lorafit.models import resolve_model_path
     from lorafit.train.callbacks import LOSS_PLOT_FILE, METRICS_FILE, plot_loss, read_metrics
+    from lorafit.train.frozen_prefix import enable_frozen_prefix_cache
     from lorafit.train.model_setup import build_model
+    from lorafit.train.trained_token_loss import uses_trained_token_loss
     from lorafit.train.report import CONFIG_FILE, write_model_card
 
     eval_prompts = None
@@ -280,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     with training.main_process_first(desc="tokenizing"):
         # Only the main process writes files (rejected.jsonl among them).
         prepared = build_datasets(config.data, tokenizer, str(output_dir) if training.should_save else None,
-                                  seed=training.seed)
+                                  seed=training.seed, keep_source=distills_replay(config))
     if training.should_log:
         print(prepared.summary.format(), flush=True)
     if training.eval_strategy != "no" and prepared.eval is None:
@@ -292,12 +321,20 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(model_path, config.model, config.lora, training)
     logger.info("%s", describe_trainable(model))
+    if distills_replay(config):
+        add_replay_targets(config, model, model_path, prepared)
+    if training.frozen_prefix_cache_gb > 0 and not config.data.streaming and uses_trained_token_loss(model):
+        enable_frozen_prefix_cache(model, training, prepared.summary.tokens)
     trainer = build_trainer(config, model, tokenizer, prepared, model_path, eval_prompts)
     stop = graceful_stop_of(trainer)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     finally:
         stop.restore_handlers()
+    prefix_cache = getattr(model, "_lorafit_prefix_cache", None)
+    if prefix_cache is not None:
+        logger.info("frozen-prefix cache: %d of %d batches started at block %d", prefix_cache.hits,
+                    prefix_cache.hits + prefix_cache.misses, prefix_cache.first)
     stopped = stopped_early(trainer, stop, argv, output_dir)
     if stopped is not None:
         if not training.should_log:

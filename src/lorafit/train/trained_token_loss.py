@@ -32,6 +32,7 @@ import types
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from lorafit.data.collate import SOFT_TARGET_IDS, SOFT_TARGET_WEIGHTS
 from lorafit.lora import ModulesToSave
 from lorafit.train import attention
 
@@ -61,10 +62,15 @@ def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device) -> torch.T
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i (logsumexp(h_i W^T) - (h_i W^T)[t_i]) / denominator, chunked, gradients in forward."""
+    """sum_i (logsumexp(h_i W^T) - sum_j w_ij (h_i W^T)[t_ij]) / denominator, chunked, gradients in forward.
+
+    `targets` is [n, k]: one token per row (k = 1, `weights` None: the plain cross-entropy) or a
+    target distribution over k tokens per row with `weights` [n, k] (soft targets: the cross-entropy
+    to that distribution; a hard row is token t at weight 1, the rest 0). A row whose weights sum
+    to s counts s times: loss s * logsumexp(z) - sum_j w_j z_j, gradient s * softmax(z) - w."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, denominator, chunk_rows):
+    def forward(ctx, hidden, weight, targets, weights, denominator, chunk_rows):
         needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss_dtype = torch.promote_types(weight.dtype, torch.float32)  # the loss is at least float32
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
@@ -74,21 +80,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buffer = _logits_buffer(min(chunk_rows, hidden.shape[0]), weight.shape[0], loss_dtype, hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start:start + chunk_rows]
-            chunk_targets = targets[start:start + chunk_rows, None]
+            chunk_targets = targets[start:start + chunk_rows]
+            chunk_weights = None if weights is None else weights[start:start + chunk_rows].to(loss_dtype)
             logits = buffer[: rows.shape[0]]
             if weight.dtype == loss_dtype:
                 torch.mm(rows.to(loss_dtype), weight.T, out=logits)
             else:
                 logits.copy_(rows @ weight.T)
-            # loss = log(sum(exp(logits - max))) - (logit[target] - max), all passes in place
+            # loss = log(sum(exp(logits - max))) - sum_j w_j (logit[t_j] - max), all passes in place
             logits.sub_(logits.amax(dim=-1, keepdim=True))
             target_logits = logits.gather(1, chunk_targets)
+            row_scale = 1.0 if chunk_weights is None else chunk_weights.sum(dim=-1, keepdim=True)
+            if chunk_weights is not None:
+                target_logits = (target_logits * chunk_weights).sum(dim=-1, keepdim=True)
             sums = logits.exp_().sum(dim=-1, keepdim=True)
-            total += (sums.log() - target_logits).sum()
+            total += (sums.log() * row_scale - target_logits).sum()
             if needs_hidden_grad or needs_weight_grad:
-                # d loss / d logits = (softmax - one_hot) / denominator
-                grad_logits = logits.div_(sums * denominator)
-                grad_logits.scatter_add_(1, chunk_targets, torch.full_like(target_logits, -1.0) / denominator)
+                # d loss / d logits = (scale * softmax - target distribution) / denominator
+                grad_logits = logits.div_(sums * denominator / row_scale)
+                pull = -1.0 if chunk_weights is None else -chunk_weights
+                grad_logits.scatter_add_(1, chunk_targets,
+                                         torch.zeros(chunk_targets.shape, dtype=loss_dtype, device=logits.device)
+                                         .add_(pull) / denominator)
                 if needs_hidden_grad:
                     grad_hidden[start:start + chunk_rows] = grad_logits.to(weight.dtype) @ weight
                 if needs_weight_grad:
@@ -104,7 +117,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def shift(labels: torch.Tensor) -> torch.Tensor:
@@ -114,24 +127,45 @@ def shift(labels: torch.Tensor) -> torch.Tensor:
 
 def trained_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
                        num_items_in_batch=None, shift_labels: torch.Tensor | None = None,
-                       chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                       chunk_elements: int = CHUNK_ELEMENTS, soft_targets=None) -> torch.Tensor:
     """Mean next-token cross-entropy over the trained positions of `hidden` ([batch, seq, dim]).
 
     `labels` are unshifted (as passed to the model); `shift_labels` already shifted. The division is
     the stock loss's: by `num_items_in_batch` when given, else by the number of trained tokens.
+    `soft_targets` (token ids [n, k], weights [n, k]), one row per trained position in row-major
+    order, replaces the label of every row whose weights are not all zero by that distribution:
+    the cross-entropy to it, the row counting as much as its weights sum to (1 for a probability
+    distribution; see `soft_target_rows`).
     """
     if shift_labels is None:
         shift_labels = shift(labels)
     shift_labels = shift_labels.to(hidden.device)
     trained = shift_labels != IGNORE_INDEX
     rows = hidden[trained]
-    targets = shift_labels[trained]
+    targets = shift_labels[trained][:, None]
+    weights = None
+    if soft_targets is not None:
+        targets, weights = soft_target_rows(targets[:, 0], *soft_targets)
     if num_items_in_batch is None:
         denominator = torch.clamp(trained.sum(), min=1).to(torch.float32)
     else:
         denominator = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32)
     chunk_rows = max(1, chunk_elements // weight.shape[0])
-    return _LinearCrossEntropy.apply(rows, weight, targets, denominator, chunk_rows)
+    return _LinearCrossEntropy.apply(rows, weight, targets, weights, denominator, chunk_rows)
+
+
+def soft_target_rows(labels: torch.Tensor, token_ids: torch.Tensor, weights: torch.Tensor):
+    """[n, k] target tokens and weights: row i is `token_ids[i]` at `weights[i]` where those are
+    not all zero, else `labels[i]` at weight 1."""
+    if token_ids.shape[0] != labels.shape[0]:
+        raise ValueError(f"soft targets for {token_ids.shape[0]} positions, but the batch trains {labels.shape[0]}")
+    token_ids, weights = token_ids.to(labels.device), weights.to(labels.device)
+    soft = (weights != 0).any(dim=-1, keepdim=True)
+    hard_ids = torch.zeros_like(token_ids)
+    hard_ids[:, 0] = labels
+    hard_weights = torch.zeros_like(weights)
+    hard_weights[:, 0] = 1.0
+    return torch.where(soft, token_ids, hard_ids), torch.where(soft, weights, hard_weights)
 
 
 def supports(model) -> bool:
@@ -173,8 +207,10 @@ def use_trained_token_loss(model) -> bool:
                             inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **kwargs)
         kwargs.pop("use_cache", None)
         kwargs.pop("return_dict", None)
+        soft_targets = pop_soft_targets(kwargs)
         if shift_labels is None:
             shift_labels = shift(labels)
+        outputs = None
         if input_ids is not None and self.config._attn_implementation == attention.NAME:
             # A shared prefix only for a model whose attention takes packed rows apart by their
             # position_ids (otherwise the later examples would not see it): probed once, the same
@@ -182,19 +218,40 @@ def use_trained_token_loss(model) -> bool:
             if getattr(self, "_lorafit_shares_prefix", None) is None:
                 self._lorafit_shares_prefix = attention.reads_packed_positions(self.get_decoder(), input_ids.device)
             if attention_mask is not None and position_ids is None:
-                unpadded = attention.unpad_to_packed_row(input_ids, attention_mask, shift_labels,
-                                                         self._lorafit_shares_prefix)
-                if unpadded is not None:
-                    (input_ids, position_ids, shift_labels), attention_mask = unpadded, None
+                row = attention.unpad_to_packed_row(input_ids, attention_mask, shift_labels,
+                                                    self._lorafit_shares_prefix)
+                if row is not None:
+                    prefix_cache = getattr(self, "_lorafit_prefix_cache", None)
+                    if prefix_cache is not None and self.training and inputs_embeds is None:
+                        # the frozen blocks' output, kept from the first epoch (lorafit.train.frozen_prefix)
+                        outputs = prefix_cache.decoder_forward(input_ids, attention_mask, row, use_cache=False,
+                                                               **kwargs)
+                    input_ids, position_ids, shift_labels, attention_mask = (row.input_ids, row.position_ids,
+                                                                             row.shift_labels, None)
             elif attention_mask is None and position_ids is not None and self._lorafit_shares_prefix:  # --packing
                 shared = attention.share_packed_prefix(input_ids, position_ids, shift_labels)
                 if shared is not None:
                     input_ids, position_ids, shift_labels = shared
-        outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+        if outputs is None:
+            outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False,
+                                         **kwargs)
         loss = trained_token_loss(outputs.last_hidden_state, None, head_weight(self),
-                                  num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
+                                  num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
+                                  soft_targets=soft_targets)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     model.forward = types.MethodType(forward, model)
+    model._lorafit_trained_token_loss = True
     return True
+
+
+def pop_soft_targets(kwargs: dict):
+    """The batch's soft targets (replay distillation, lorafit.train.replay_targets), taken out of `kwargs`."""
+    ids, weights = kwargs.pop(SOFT_TARGET_IDS, None), kwargs.pop(SOFT_TARGET_WEIGHTS, None)
+    return None if ids is None else (ids, weights)
+
+
+def uses_trained_token_loss(model) -> bool:
+    """Whether `use_trained_token_loss` switched `model` over (soft targets need it)."""
+    return bool(getattr(model, "_lorafit_trained_token_loss", False))
