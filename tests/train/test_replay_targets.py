@@ -109,6 +109,8 @@ def test_only_rows_from_the_replay_file_get_targets(tiny_model_dir, tmp_path, mo
     assert ids[0] == [] and with_targets[SOFT_TARGET_WEIGHTS][0] == []
     assert [len(row) for row in ids[1:]] == [len(trained_positions(r["labels"])) for r in rows[1:]]
     assert all(len(position) == K for row in ids[1:] for position in row)
+    untouched = add_soft_targets(dataset, build_tiny_llama(), str(tiny_model_dir), "/y/other.jsonl", K)
+    assert untouched.column_names == dataset.column_names  # no replay row: nothing added
     weights = add_soft_targets(dataset, build_tiny_llama(), str(tiny_model_dir), "/x/replay.jsonl", K,
                                replay_weight=3.0)[SOFT_TARGET_WEIGHTS]
     assert all(abs(sum(position) - 3.0) < 1e-5 for row in weights[1:] for position in row)

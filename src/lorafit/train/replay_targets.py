@@ -146,6 +146,9 @@ def add_soft_targets(dataset, model, model_path: str, replay_path: str, top_k: i
     started = time.perf_counter()
     sources = dataset["source"]
     replay_rows = [i for i, source in enumerate(sources) if source_file(source) == replay_path]
+    if not replay_rows:  # every replay answer went to evaluation or was dropped: nothing to distill
+        logger.warning("replay distillation: no replay row in the training set; the task data trains alone")
+        return dataset
     targets = cached_top_k_targets(model, model_path, [dataset[i] for i in replay_rows], top_k)
     ids: list[list] = [[] for _ in sources]
     probs: list[list] = [[] for _ in sources]
