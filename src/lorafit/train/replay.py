@@ -130,6 +130,7 @@ def write_atomically(path: Path, lines: list[str]) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.writelines(lines)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would keep a shared cache (or the shipped file) private
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
