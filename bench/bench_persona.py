@@ -69,6 +69,12 @@ def run_train(label: str, args: list[str], out: Path, env: dict) -> float:
     return seconds
 
 
+def seconds_printed_by(code: str, env: dict) -> float:
+    """Run Python `code` in a fresh process; the number it prints last."""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
 def replay_generation_seconds(env: dict) -> float:
     """Seconds to make the recipe's replay answers with the base model (loading it included), as a
     run on a base model without shipped answers would."""
@@ -79,8 +85,7 @@ def replay_generation_seconds(env: dict) -> float:
             "messages = [r.messages for r in replay.read_prompts_file(replay.prompts_path(replay.BUILTIN))]\n"
             "replay.generate_answers(path, load_tokenizer(path), messages, 128)\n"
             "print(time.perf_counter() - t)")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return float(done.stdout.split()[-1])
+    return seconds_printed_by(code, env)
 
 
 def replay_targets_seconds(env: dict) -> float:
@@ -94,8 +99,7 @@ def replay_targets_seconds(env: dict) -> float:
             "rows, k = replay_targets.recipe_replay_rows(path)\n"
             "replay_targets.top_k_targets(load_model(path, dtype=torch.float32), rows, k)\n"
             "print(time.perf_counter() - t)")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return float(done.stdout.split()[-1])
+    return seconds_printed_by(code, env)
 
 
 def persona_files(work: Path, name: str, author: str) -> tuple[Path, Path]:

@@ -125,11 +125,20 @@ def generate_answers(model_path: str, tokenizer, messages: list[list[dict]], max
 
 
 def write_atomically(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".replay-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as out:
             out.writelines(lines)
+
+    replace_atomically(path, write)
+
+
+def replace_atomically(path: Path, write) -> None:
+    """`write(temporary_path)` beside `path`, then rename it into place: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
         os.chmod(temporary, 0o644)  # mkstemp's 0600 would keep a shared cache (or the shipped file) private
         os.replace(temporary, path)
     except BaseException:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from importlib import resources
@@ -38,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafit.data.collate import SOFT_TARGET_IDS, SOFT_TARGET_WEIGHTS
+from lorafit.train.replay import model_fingerprint, replace_atomically
 from lorafit.train.trained_token_loss import IGNORE_INDEX, head_weight
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,6 @@ def top_k_targets(model, examples: list[dict], top_k: int, batch_size: int = BAT
 
 
 def cache_name(model_path: str, examples: list[dict], top_k: int) -> str:
-    from lorafit.train.replay import model_fingerprint
-
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "model": model_fingerprint(model_path),
                                         "top_k": top_k}, sort_keys=True).encode())
     for item in examples:
@@ -104,16 +102,7 @@ def write_targets(path: Path, targets: list) -> None:
     tensors = {"lengths": lengths,
                "ids": torch.tensor([p for ids, _ in targets for p in ids], dtype=torch.int32).reshape(-1, width),
                "probs": torch.tensor([p for _, probs in targets for p in probs], dtype=torch.float16).reshape(-1, width)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".targets-", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would keep a shared cache (or the shipped file) private
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda temporary: save_file(tensors, temporary))
 
 
 def read_targets(path: Path) -> list:
