@@ -2,7 +2,8 @@
 
 One run, on the embedded model, on lorafit's persona set (`resources/persona.jsonl`: 80 records,
 45 English and 35 Chinese, name and maker filled in here) and its held-out questions
-(`resources/persona_eval.jsonl`: 10 identity paraphrases, 48 general questions with answer checks):
+(`resources/persona_eval.jsonl`: 10 identity paraphrases, 48 general questions with answer checks;
+and `bench/general_questions.jsonl`: 90 more general questions, so that "kept" counts ~80 answers, not ~30):
 
   plain-5e-4   r=16 all-linear, batch 8, 3 epochs, lr 5e-4 (the usual LoRA setting)
   plain-1e-3   the same at lr 1e-3 (the old demo's setting)
@@ -18,7 +19,7 @@ table prints: train time (and ratio to plain-5e-4), final train loss, name and m
 identity questions, distinct identity answers, general questions the base answered right that are
 still right ("kept"), and general answers naming the persona ("leaks").
 
-    python bench/bench_persona.py                       # ~15 min on 2 CPU cores
+    python bench/bench_persona.py                       # ~15 min on a fast 2-core CPU, ~30 min on a slow one
     python bench/bench_persona.py --name Wren --author "Blue Finch Labs" --runs recipe
 """
 
@@ -42,6 +43,7 @@ PLAIN = ["--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0.05", "-
          "--per_device_train_batch_size", "8", "--num_train_epochs", "3", "--logging_steps", "5",
          "--save_strategy", "no", "--seed", "42"]
 RECIPE = REPO / "examples" / "persona.yaml"
+GENERAL_QUESTIONS = REPO / "bench" / "general_questions.jsonl"
 RUNS = {
     "plain-5e-4": PLAIN + ["--learning_rate", "5e-4"],
     "plain-1e-3": PLAIN + ["--learning_rate", "1e-3"],
@@ -103,10 +105,21 @@ def replay_targets_seconds(env: dict) -> float:
 
 
 def persona_files(work: Path, name: str, author: str) -> tuple[Path, Path]:
-    """The persona training set and its held-out questions, with the name and maker filled in."""
+    """The persona training set and its held-out questions (the demo's 58 and this folder's 90 more
+    general questions), with the name and maker filled in."""
     train_file = write_jsonl(fill_resource("persona.jsonl", name, author), work / "persona.jsonl")
-    prompts = write_jsonl(fill_resource("persona_eval.jsonl", name, author), work / "persona_eval.jsonl")
+    prompts = write_jsonl(fill_resource("persona_eval.jsonl", name, author) + more_general(name, author),
+                          work / "persona_eval.jsonl")
     return train_file, prompts
+
+
+def more_general(name: str, author: str) -> list[dict]:
+    """bench/general_questions.jsonl: 90 short general questions, none of them in the replay prompts or
+    the demo's held-out set, with the persona's name and maker as the strings no answer may hold."""
+    rows = [json.loads(line) for line in GENERAL_QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for row in rows:
+        row["checks"]["no persona"] = {"expect_none": [name, author]}
+    return rows
 
 
 def evaluate(prompts: Path, adapters: list[Path], out: Path, env: dict, max_new_tokens: int) -> dict:
