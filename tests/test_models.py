@@ -79,3 +79,13 @@ def test_home_is_configurable(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFIT_HOME", str(tmp_path))
     assert str(models.embedded_model_dir()).startswith(str(tmp_path))
     assert os.fspath(models.lorafit_home()) == str(tmp_path)
+
+
+def test_a_link_to_a_model_cache_not_made_yet_is_followed(tmp_path):
+    from lorafit.models import make_folder
+
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").symlink_to(tmp_path / "shared" / "models", target_is_directory=True)
+    make_folder(tmp_path / "home" / "models")
+    assert (tmp_path / "shared" / "models").is_dir() and (tmp_path / "home" / "models").is_dir()
+    make_folder(tmp_path / "home" / "models")  # and again, once it exists

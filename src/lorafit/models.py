@@ -174,12 +174,18 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "lorafit_source.json").is_file() and (folder / "config.json").is_file()
 
 
+def make_folder(folder: Path) -> None:
+    """mkdir -p that also follows a symlink to a folder not made yet (a shared model cache linked
+    into a fresh lorafit home), where plain mkdir fails with "File exists"."""
+    folder.resolve().mkdir(parents=True, exist_ok=True)
+
+
 def resolve_model_path(name_or_path: str | None) -> str:
     """Turn `--model_name_or_path` into something `from_pretrained` loads (a folder or a Hub id)."""
     if is_embedded(name_or_path):
         target = embedded_model_dir()
         if not _is_complete(target):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(target.parent)
             _convert_gguf(_embedded_gguf_path(), target)
         return str(target)
     path = Path(name_or_path).expanduser()
