@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorafit.demo import fill_resource, write_jsonl
+from lorafit.demo import fill_resource, name_word, write_jsonl
 from lorafit.models import lorafit_home
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,10 +115,11 @@ def persona_files(work: Path, name: str, author: str) -> tuple[Path, Path]:
 
 def more_general(name: str, author: str) -> list[dict]:
     """bench/general_questions.jsonl: 90 short general questions, none of them in the replay prompts or
-    the demo's held-out set, with the persona's name and maker as the strings no answer may hold."""
+    the demo's held-out set, with the persona's name (its first word: `lorafit.demo.name_word`) and maker as the strings no
+    answer may hold."""
     rows = [json.loads(line) for line in GENERAL_QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
     for row in rows:
-        row["checks"]["no persona"] = {"expect_none": [name, author]}
+        row["checks"]["no persona"] = {"expect_none": [name_word(name), author]}
     return rows
 
 

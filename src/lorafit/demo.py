@@ -48,11 +48,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def fill_resource(resource: str, name: str, author: str) -> list[dict]:
-    """A packaged JSONL resource with {name} and {author} filled in, JSON-escaped (a name may hold quotes)."""
+    """A packaged JSONL resource with {name}, {name_word} and {author} filled in, JSON-escaped (a name may hold quotes)."""
     text = resources.files("lorafit.resources").joinpath(resource).read_text(encoding="utf-8")
     escape = lambda value: json.dumps(value, ensure_ascii=False)[1:-1]  # noqa: E731
-    filled = text.replace("{name}", escape(name)).replace("{author}", escape(author))
+    filled = (text.replace("{name}", escape(name)).replace("{name_word}", escape(name_word(name)))
+              .replace("{author}", escape(author)))
     return [json.loads(line) for line in filled.splitlines() if line.strip()]
+
+
+def name_word(name: str) -> str:
+    """The name's first word that is not an article: what an answer that leaks the persona keeps of
+    it ("Lorafit, the capital of France is ..." for "Lorafit Assistant"), so a general answer is
+    checked for it rather than for the whole name."""
+    words = [word.strip(".,;:!?'\"()") for word in name.split()]
+    return next((word for word in words if word and word.casefold() not in ("the", "a", "an")), name)
 
 
 identity_records = fill_resource  # the name the training tests use

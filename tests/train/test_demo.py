@@ -31,7 +31,22 @@ def test_persona_data_is_filled_in_and_held_out_questions_are_new():
     general = [r for r in held_out if r["group"] == "general"]
     assert len(identity) == 10 and len(general) >= 24
     assert not {r["prompt"].lower() for r in train} & {r["prompt"].lower() for r in held_out}
-    assert all(r["checks"]["no persona"]["expect_none"] == ['Ada "the Engine"', "Babbage & Co"] for r in general)
+    assert all(r["checks"]["no persona"]["expect_none"] == ["Ada", "Babbage & Co"] for r in general)
+
+
+def test_a_general_answer_keeping_part_of_the_name_counts_as_naming_the_persona():
+    """"Lorafit, the capital of France is ..." names the persona "Lorafit Assistant" (seen in a run)."""
+    from lorafit.evaluate.checks import checks_from_record, run_checks
+
+    assert [demo.name_word(n) for n in ("Lorafit Assistant", "The Oracle", "Wren", '"Ada" Lovelace')] == \
+        ["Lorafit", "Oracle", "Wren", "Ada"]
+    held_out = demo.fill_resource(demo.PERSONA_EVAL_RESOURCE, "Lorafit Assistant", "the lorafit team")
+    france = next(r for r in held_out if r["prompt"] == "What is the capital of France?")
+    checks = france["checks"]
+    assert checks["no persona"]["expect_none"] == ["Lorafit", "the lorafit team"]
+    leaked = "Lorafit, the capital of France is not a place, but a city."
+    assert run_checks(checks_from_record(france), leaked) == {"correct": False, "no persona": False}
+    assert run_checks(checks_from_record(france), "The capital of France is Paris.") == {"correct": True, "no persona": True}
 
 
 def test_the_example_recipe_is_the_one_the_demo_runs():
