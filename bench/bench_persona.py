@@ -115,8 +115,8 @@ def persona_files(work: Path, name: str, author: str) -> tuple[Path, Path]:
 
 def more_general(name: str, author: str) -> list[dict]:
     """bench/general_questions.jsonl: 90 short general questions, none of them in the replay prompts or
-    the demo's held-out set, with the persona's name (its first word: `lorafit.demo.name_word`) and maker as the strings no
-    answer may hold."""
+    the demo's held-out set, with the persona's name (its first word: `lorafit.demo.name_word`) and
+    maker as the strings no answer may hold."""
     rows = [json.loads(line) for line in GENERAL_QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
     for row in rows:
         row["checks"]["no persona"] = {"expect_none": [name_word(name), author]}
