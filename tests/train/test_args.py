@@ -68,6 +68,10 @@ def test_misspelled_yaml_key_names_the_file_and_suggests(tmp_path):
     (["--do_eval"], "needs evaluation data"),
     (["--streaming"], "--max_steps"),
     (["notes.txt"], "unexpected value"),
+    (["--adapter_scale", "0"], "--adapter_scale must be positive"),
+    (["--adapter_scale", "0.7", "--use_dora"], "cannot be combined with --use_dora"),
+    (["--adapter_scale", "0.7", "--init_lora_weights", "pissa"], "--init_lora_weights pissa"),
+    (["--adapter_scale", "0.7", "--lora_impl", "peft"], "--lora_impl peft"),
 ])
 def test_bad_values_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):

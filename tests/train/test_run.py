@@ -120,6 +120,23 @@ def test_peft_path_continues_an_adapter(tmp_path, quick_args):
     assert losses(continued)[0] < losses(fresh)[0] - 1e-3
 
 
+def test_adapter_scale_saves_the_trained_update_times_the_factor(tmp_path, quick_args, identity_files):
+    _, heldout = identity_files
+    runs = {scale: tmp_path / f"scale_{scale}" for scale in ("1", "0.5")}
+    for scale, out in runs.items():
+        assert run.main(quick_args(out, "--learning_rate", "1e-2", "--adapter_scale", scale,
+                                   "--validation_file", str(heldout))) == 0
+    trained, scaled = adapter_tensors(runs["1"]), adapter_tensors(runs["0.5"])
+    assert trained.keys() == scaled.keys()
+    for key, tensor in trained.items():
+        expected = tensor * 0.5 if "lora_B" in key else tensor
+        torch.testing.assert_close(scaled[key], expected, rtol=1e-6, atol=0, msg=key)
+    # the last evaluation is the saved adapter's: closer to the base's loss than the trained one's
+    assert losses(runs["0.5"], "eval_loss")[-1] != losses(runs["1"], "eval_loss")[-1]
+    assert "times 0.5" in (runs["0.5"] / "README.md").read_text()
+    assert yaml.safe_load((runs["0.5"] / "lorafit_config.yaml").read_text())["adapter_scale"] == 0.5
+
+
 def test_recipe_truncation_and_prompt_type_take_effect(tmp_path, quick_args):
     limited, unlimited = tmp_path / "limited", tmp_path / "unlimited"
     run.main(quick_args(limited, "--max_steps", "1", "--max_target_length", "4", "--max_source_length", "8",

@@ -172,6 +172,12 @@ class LoraArguments:
     peft_path: Optional[str] = field(
         default=None, metadata={"help": "continue training this adapter folder (lorafit or PEFT layout)"}
     )
+    adapter_scale: float = field(
+        default=1.0,
+        metadata={"help": "multiply the trained update by this factor in the saved adapter (WiSE-FT: 1 is the "
+                          "fine-tuned model, 0 the base; below 1 gives back what a narrow fine-tune broke; "
+                          "PEFT's rescale_adapter_scale, baked in)"},
+    )
 
     def __post_init__(self):
         if self.lora_rank <= 0:
@@ -192,12 +198,29 @@ class LoraArguments:
                                      f"got {self.loraplus_lr_ratio}")
         if self.loraplus_lr_embedding < 0:
             raise ArgumentsError(f"--loraplus_lr_embedding must be at least 0, got {self.loraplus_lr_embedding}")
+        self._check_adapter_scale()
         if self.peft_path is not None:
             if not self.use_peft:
                 raise ArgumentsError("--peft_path continues a LoRA adapter; "
                                      "it cannot be combined with --use_peft false")
             if not (Path(self.peft_path) / "adapter_config.json").is_file():
                 raise ArgumentsError(f"--peft_path {self.peft_path}: not an adapter folder (no adapter_config.json)")
+
+    def _check_adapter_scale(self) -> None:
+        from lorafit.lora.config import rewrites_base
+
+        if self.adapter_scale == 1.0:
+            return
+        if not self.adapter_scale > 0:
+            raise ArgumentsError(f"--adapter_scale must be positive (0.5-1 to interpolate toward the base), "
+                                 f"got {self.adapter_scale}")
+        if not self.use_peft or self.lora_impl == "peft":
+            raise ArgumentsError("--adapter_scale scales lorafit's own LoRA update; it cannot be combined with "
+                                 + ("--use_peft false" if not self.use_peft else "--lora_impl peft"))
+        if self.use_dora or rewrites_base(self.init_lora_weights):
+            what = "--use_dora" if self.use_dora else f"--init_lora_weights {self.init_lora_weights}"
+            raise ArgumentsError(f"--adapter_scale cannot be combined with {what}: scaling that adapter's update "
+                                 "does not lead back to the base model")
 
 
 def parse_init_lora_weights(value) -> bool | str:

@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     from lorafit.data.pipeline import build_datasets
+    from lorafit.lora.rescale import scale_update
     from lorafit.models import resolve_model_path
     from lorafit.train.callbacks import LOSS_PLOT_FILE, METRICS_FILE, plot_loss, read_metrics
     from lorafit.train.frozen_prefix import enable_frozen_prefix_cache
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     if training.eval_strategy != "no" and prepared.eval is None:
         raise UserError("evaluation was requested but there is no evaluation data "
                         "(--validation_file FILE or --validation_split_percentage N)")
+    if config.lora.adapter_scale != 1.0 and (training.deepspeed or training.fsdp):
+        raise UserError("--adapter_scale scales the update on each process's whole model; it is not supported "
+                        "with --deepspeed or --fsdp sharding")
     if eval_prompts and training.eval_strategy == "no":
         raise UserError("--eval_prompts are answered at each evaluation: also pass --eval_strategy epoch (or steps) "
                         "and evaluation data (--validation_file FILE or --validation_split_percentage N)")
@@ -340,8 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         if not training.should_log:
             return stopped.exit_code  # one process tells the user
         raise stopped
-    if prepared.eval is not None and not evaluated_at_last_step(trainer.state):
-        trainer.evaluate()
+    scaled = config.lora.adapter_scale != 1.0
+    if scaled:
+        moved = scale_update(model, config.lora.adapter_scale)
+        logger.info("adapter update scaled by %g in %d modules (--adapter_scale)", config.lora.adapter_scale, moved)
+    if prepared.eval is not None and (scaled or not evaluated_at_last_step(trainer.state)):
+        trainer.evaluate()  # the figures of the adapter as saved
 
     save_final_outputs(trainer, output_dir)
     if training.should_save:
