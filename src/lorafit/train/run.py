@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         from lorafit.evaluate.prompts import read_eval_prompts
 
         eval_prompts = read_eval_prompts(training.eval_prompts, flag="--eval_prompts")
+    if config.lora.adapter_scale != 1.0 and (training.deepspeed or training.fsdp):
+        raise UserError("--adapter_scale scales the update on each process's whole model; it is not supported "
+                        "with --deepspeed or --fsdp sharding")
     set_seed(training.seed)
     output_dir = Path(training.output_dir)
     if training.should_save:
@@ -316,9 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     if training.eval_strategy != "no" and prepared.eval is None:
         raise UserError("evaluation was requested but there is no evaluation data "
                         "(--validation_file FILE or --validation_split_percentage N)")
-    if config.lora.adapter_scale != 1.0 and (training.deepspeed or training.fsdp):
-        raise UserError("--adapter_scale scales the update on each process's whole model; it is not supported "
-                        "with --deepspeed or --fsdp sharding")
     if eval_prompts and training.eval_strategy == "no":
         raise UserError("--eval_prompts are answered at each evaluation: also pass --eval_strategy epoch (or steps) "
                         "and evaluation data (--validation_file FILE or --validation_split_percentage N)")
