@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorafit.lora.embedding import LoraEmbedding
+from lorafit.lora.init import rewrites_layer
 from lorafit.lora.inject import lora_layers, saved_modules
 
 
@@ -34,7 +35,7 @@ def check_scalable(model: nn.Module) -> None:
         if getattr(layer, "lora_magnitude_vector", None) is not None:
             raise ValueError(f"{name}: a DoRA layer's update cannot be scaled toward the base (its magnitude "
                              "renormalises the weight)")
-        if getattr(layer, "initial_A", None) is not None:
+        if rewrites_layer(layer):
             raise ValueError(f"{name}: a PiSSA/OLoRA layer's base holds a residual, so scaling its update does "
                              "not lead back to the base model")
         if layer.merged:

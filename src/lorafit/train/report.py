@@ -81,7 +81,7 @@ def write_model_card(config: TrainConfig, output_dir: str | Path, base_path: str
         f"Trained with lorafit {lorafit.__version__} on {dt.date.today().isoformat()}.",
         "",
     ]
-    if config.lora.use_peft and config.lora.adapter_scale != 1.0:
+    if config.lora.adapter_scale != 1.0:  # only LoRA runs get past argument checks with it
         lines += [f"The saved update is the trained one times {config.lora.adapter_scale:g} (`adapter_scale`: a "
                   "WiSE-FT interpolation toward the base model); the results below are the saved adapter's.", ""]
     lines += [
