@@ -75,11 +75,44 @@ def test_a_bad_prompts_file_is_one_error_naming_each_line(tmp_path, capsys):
     (["--prompts", "PROMPTS", "--adapter", "no/such/adapter"], "--adapter no/such/adapter: no such folder"),
     (["--prompts", "PROMPTS", "--limit", "5"], "apply to --tasks"),
     (["--prompts", "PROMPTS", "--temperature", "-1"], "--temperature"),
+    (["--prompts", "PROMPTS", "--adapter_scales", "0.7"], "pass at least one --adapter"),
+    (["--prompts", "PROMPTS", "--adapter", "ADAPTER", "--adapter_scales", "0.7,x"], "got 'x'"),
+    (["--prompts", "PROMPTS", "--adapter", "ADAPTER", "--adapter_scales", "0,1"], "must be a positive number"),
+    (["--prompts", "PROMPTS", "--adapter", "ADAPTER", "--adapter_scales", "0.5,0.5"], "given twice"),
 ])
 def test_user_mistakes_are_one_message(args, message, tmp_path, capsys):
     prompts = write_lines(tmp_path / "ok.jsonl", [{"prompt": "hi"}])
-    args = [str(prompts) if a == "PROMPTS" else a for a in args]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    args = [{"PROMPTS": str(prompts), "ADAPTER": str(adapter)}.get(a, a) for a in args]
     assert message in run_error(args, capsys)
+
+
+def test_adapter_scales_give_one_column_per_scale(tiny_model_dir, two_adapters, tmp_path, capsys):
+    prompts = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "Who are you?"}, {"prompt": "Count to three."}])
+    out = tmp_path / "report"
+    code = main(["eval", "--model_name_or_path", tiny_model_dir, "--adapter", two_adapters[0], "--prompts",
+                 str(prompts), "--adapter_scales", "0.5,1", "--output_dir", str(out), "--max_new_tokens", "4",
+                 "--dtype", "float32", "--device", "cpu"])
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["group", "measure", "base", "a@0.5", "a@1"]
+    report = json.loads((out / "eval.json").read_text())
+    assert [(m["label"], m["adapter_scale"]) for m in report["models"]] == [("base", None), ("a@0.5", 0.5), ("a@1", 1.0)]
+    assert report["settings"]["adapter_scales"] == [0.5, 1.0]
+
+
+def test_a_dora_adapter_cannot_be_scaled(tiny_model_dir, tmp_path, capsys):
+    import lorafit
+    from lorafit.models import load_model
+
+    model = load_model(tiny_model_dir)
+    lorafit.add_lora(model, lorafit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    lorafit.save_adapter(model, tmp_path / "dora", base_model_name_or_path=tiny_model_dir)
+    prompts = write_lines(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    err = run_error(["--model_name_or_path", tiny_model_dir, "--adapter", str(tmp_path / "dora"), "--prompts",
+                     str(prompts), "--adapter_scales", "0.7"], capsys)
+    assert "DoRA" in err and "dora" in err
 
 
 def test_tasks_without_lm_eval_name_the_extra(tmp_path, capsys, monkeypatch):

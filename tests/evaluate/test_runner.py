@@ -59,3 +59,30 @@ def test_eval_loss_per_column_matches_a_direct_computation(tiny_model_dir, two_a
             expected = model(input_ids=ids, labels=labels).loss.item()
         assert abs(result.eval_loss - expected) < 1e-4
         assert result.eval_tokens == int((labels[0, 1:] != -100).sum())
+
+
+def scaled_copy(adapter: str, factor: float, folder: Path) -> Path:
+    """The adapter with lora_alpha (and any per-module alpha) times `factor`: how PEFT would read a scaled update."""
+    import json
+    import shutil
+
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lora_alpha"] *= factor
+    config["alpha_pattern"] = {key: value * factor for key, value in (config.get("alpha_pattern") or {}).items()}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_scaled_column_equals_the_adapter_saved_with_its_update_scaled(tiny_model_dir, two_adapters, tmp_path):
+    prompts = [prompt_from_record({"prompt": q}, f"t:{i}") for i, q in enumerate(QUESTIONS)]
+    adapter = Path(two_adapters[0])
+    results = evaluate_columns(tiny_model_dir, [adapter, adapter, adapter], ["base", "a@0.3", "a@1", "a@0.6"],
+                               scales=[0.3, 1.0, 0.6], prompts=prompts, options=GREEDY, dtype="float32",
+                               device="cpu", batch_size=4)
+    assert [r.adapter_scale for r in results] == [1.0, 0.3, 1.0, 0.6]
+    expected = [alone(tiny_model_dir, str(scaled_copy(two_adapters[0], t, tmp_path / f"x{t}")), prompts)
+                for t in (0.3, 0.6)]
+    assert results[1].answers == expected[0] and results[3].answers == expected[1]
+    assert results[2].answers == alone(tiny_model_dir, two_adapters[0], prompts)
+    assert len({tuple(r.answers) for r in results}) > 2  # the scale does change the answers

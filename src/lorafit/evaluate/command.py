@@ -3,6 +3,7 @@
     lorafit eval --adapter out --prompts checks.jsonl                 # answers + checks, base vs adapter
     lorafit eval --adapter a --adapter b --eval_file heldout.jsonl    # held-out loss and perplexity
     lorafit eval --adapter out --tasks my_task --include_path tasks/  # lm-evaluation-harness tasks
+    lorafit eval --adapter out --prompts checks.jsonl --adapter_scales 0.6,0.8,1   # one adapter, scaled
 
 The base model is always the first column; it loads once and each adapter is switched on and off
 in turn (`lorafit.evaluate.runner`). Answers are greedy unless `--temperature` says otherwise.
@@ -13,6 +14,7 @@ figure) and eval.md (the table and the answers side by side, shortened).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -36,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "smollm2-135m-instruct)")
     model.add_argument("--adapter", action="append", default=[], metavar="DIR",
                        help="an adapter folder to compare with the base (repeatable)")
+    model.add_argument("--adapter_scales", default=None, metavar="T[,T...]",
+                       help="evaluate each adapter with its update times each T (columns ADAPTER@T): 1 is the "
+                            "adapter as trained, 0.7 is 70%% of the way from the base (as lorafit train "
+                            "--adapter_scale would save it), so one trained adapter shows where to scale it")
     model.add_argument("--template", default="auto",
                        help="chat template for columns whose folder carries no tokenizer (as in lorafit chat)")
     model.add_argument("--dtype", default="auto", help="weights dtype: auto, float32, bfloat16, float16")
@@ -72,6 +78,42 @@ def check_args(args) -> None:
         raise UserError("--limit, --num_fewshot and --include_path apply to --tasks; pass --tasks too")
     if args.include_path and not Path(args.include_path).is_dir():
         raise UserError(f"--include_path {args.include_path}: no such folder")
+    if args.adapter_scales is not None and not args.adapter:
+        raise UserError("--adapter_scales scales adapters; pass at least one --adapter")
+
+
+def parse_scales(text: str | None) -> list[float]:
+    """'0.7,1' -> [0.7, 1.0]; each a positive number."""
+    if text is None:
+        return [1.0]
+    scales = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or value == float("inf"):
+            raise UserError(f"--adapter_scales {text}: each scale must be a positive number "
+                            f"(1 = the adapter as trained), got {part.strip()!r}")
+        scales.append(value)
+    if len(set(scales)) != len(scales):
+        raise UserError(f"--adapter_scales {text}: a scale is given twice")
+    return scales
+
+
+def scaled_columns(adapters: list[Path], scales: list[float], labels: list[str]):
+    """Every adapter at every scale: (adapters, scales, labels) of the columns after the base.
+    Without --adapter_scales (scales == [1.0]) the columns are the adapters as they are."""
+    if scales == [1.0]:
+        return adapters, [1.0] * len(adapters), labels
+    for adapter in adapters:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        if config.get("use_dora"):
+            raise UserError(f"--adapter_scales: {adapter} is a DoRA adapter; its magnitude renormalises the "
+                            "weight, so scaling its update does not move it toward the base")
+    columns = [(adapter, scale, f"{label}@{scale:g}") for adapter, label in zip(adapters, labels[1:])
+               for scale in scales]
+    return [c[0] for c in columns], [c[1] for c in columns], [labels[0], *(c[2] for c in columns)]
 
 
 def read_eval_conversations(files: list[str]) -> list[list[dict]]:
@@ -93,6 +135,7 @@ def read_eval_conversations(files: list[str]) -> list[list[dict]]:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    scales = parse_scales(args.adapter_scales)
     options = options_from_args(args)
     task_request = None
     if args.tasks:
@@ -108,8 +151,9 @@ def main(argv: list[str]) -> int:
     conversations = read_eval_conversations(args.eval_file) if args.eval_file else None
     adapters = [check_adapter_folder(a) for a in args.adapter]
     base = choose_base_model(args.model_name_or_path, adapters[0] if adapters else None)
+    columns, column_scales, labels = scaled_columns(adapters, scales, column_labels(adapters))
     started = time.perf_counter()
-    results = evaluate_columns(base, adapters, column_labels(adapters), prompts=prompts, options=options,
+    results = evaluate_columns(base, columns, labels, scales=column_scales, prompts=prompts, options=options,
                                conversations=conversations, tasks=task_request, template=args.template, dtype=args.dtype,
                                device=args.device, trust_remote_code=args.trust_remote_code,
                                batch_size=args.batch_size, max_length=args.max_length)
@@ -118,7 +162,8 @@ def main(argv: list[str]) -> int:
     print(format_table(rows, labels))
     for note in warnings_for(rows, labels):
         print(f"warning: {note}")
-    settings = {"model_name_or_path": base, "adapters": [str(a) for a in adapters], "prompts": args.prompts,
+    settings = {"model_name_or_path": base, "adapters": [str(a) for a in adapters],
+                "adapter_scales": scales, "prompts": args.prompts,
                 "eval_file": args.eval_file, "tasks": args.tasks, "limit": args.limit,
                 "generation": {"max_new_tokens": options.max_new_tokens, "temperature": options.temperature},
                 "seconds": round(time.perf_counter() - started, 1)}

@@ -142,7 +142,9 @@ def markdown_report(prompts: list[EvalPrompt], results: list[ModelResult], rows:
 def json_report(prompts: list[EvalPrompt], results: list[ModelResult], rows: list[Row], settings: dict) -> dict:
     return {
         "settings": settings,
-        "models": [{"label": r.label, "adapter": r.adapter, "eval_loss": r.eval_loss, "eval_tokens": r.eval_tokens,
+        "models": [{"label": r.label, "adapter": r.adapter,
+                    "adapter_scale": None if r.adapter is None else r.adapter_scale,
+                    "eval_loss": r.eval_loss, "eval_tokens": r.eval_tokens,
                     "perplexity": r.perplexity, "tasks": r.tasks} for r in results],
         "summary": [{"group": row.group, "measure": row.measure,
                      "values": dict(zip([r.label for r in results], row.figures))} for row in rows],

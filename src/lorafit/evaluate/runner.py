@@ -35,6 +35,7 @@ class ModelResult:
 
     label: str
     adapter: str | None
+    adapter_scale: float = 1.0  # the adapter's update times this (1: as trained; lorafit.lora.rescale)
     answers: list[str] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
     checks: list[dict[str, bool]] = field(default_factory=list)
@@ -73,15 +74,24 @@ def column_labels(adapters: list[Path]) -> list[str]:
 
 
 @contextlib.contextmanager
-def adapter_applied(model, adapter: Path | None):
-    """The model with `adapter` merged into its weights for the duration (nothing for the base)."""
+def adapter_applied(model, adapter: Path | None, scale: float = 1.0):
+    """The model with `adapter` merged into its weights for the duration (nothing for the base); with
+    `scale`, its update times that factor (`lorafit.lora.rescale`: t along the line from the base)."""
     if adapter is None:
         yield model
         return
+    from lorafit.errors import UserError
     from lorafit.lora import load_adapter, merge_lora
     from lorafit.lora.merge import remove_lora
+    from lorafit.lora.rescale import scale_update
 
     load_adapter(model, adapter)
+    if scale != 1.0:
+        try:
+            scale_update(model, scale)
+        except ValueError as error:
+            remove_lora(model)
+            raise UserError(f"--adapter_scales: {adapter}: {error}") from None
     merge_lora(model, keep_wrappers=True)
     try:
         yield model
@@ -166,9 +176,11 @@ def score(result: ModelResult, prompts: list[EvalPrompt]) -> None:
 def evaluate_columns(base: str | None, adapters: list[Path], labels: list[str], *, prompts: list[EvalPrompt],
                      options, conversations: list | None = None, tasks=None, template: str = "auto",
                      dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-                     batch_size: int = 8, max_length: int | None = None) -> list[ModelResult]:
+                     batch_size: int = 8, max_length: int | None = None,
+                     scales: list[float] | None = None) -> list[ModelResult]:
     """Load `base` once and measure it, then base + each adapter: answers and checks for `prompts`,
-    held-out loss over `conversations`, and lm-eval `tasks` (a `harness.TaskRequest`)."""
+    held-out loss over `conversations`, and lm-eval `tasks` (a `harness.TaskRequest`). `scales`, one
+    per adapter, multiplies that adapter's update (default 1: as trained)."""
     from lorafit.data.templates import end_of_turn_token_ids
     from lorafit.infer.cpu_linear import use_onednn_linear
     from lorafit.infer.engine import context_length
@@ -181,12 +193,12 @@ def evaluate_columns(base: str | None, adapters: list[Path], labels: list[str], 
     use_onednn_linear(model)
     limit = max_length or context_length(model)
     results = []
-    for label, adapter in zip(labels, [None, *adapters]):
+    for label, adapter, scale in zip(labels, [None, *adapters], [1.0, *(scales or [1.0] * len(adapters))]):
         tokenizer = load_inference_tokenizer(base, adapter, template, trust_remote_code)
         column = Column(label, adapter, tokenizer, end_of_turn_token_ids(tokenizer))
-        result = ModelResult(label, None if adapter is None else str(adapter))
+        result = ModelResult(label, None if adapter is None else str(adapter), scale)
         logger.info("eval: %s", label)
-        with adapter_applied(model, adapter):
+        with adapter_applied(model, adapter, scale):
             if prompts:
                 completions = answer_prompts(model, column, prompts, options, batch_size)
                 result.answers = [c.text.strip() for c in completions]
