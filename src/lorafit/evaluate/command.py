@@ -107,8 +107,11 @@ def scaled_columns(adapters: list[Path], scales: list[float], labels: list[str])
     if scales == [1.0]:
         return adapters, [1.0] * len(adapters), labels
     for adapter in adapters:
-        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        if config.get("use_dora"):
+        try:
+            config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}  # loading the adapter reports what is wrong with it
+        if isinstance(config, dict) and config.get("use_dora"):
             raise UserError(f"--adapter_scales: {adapter} is a DoRA adapter; its magnitude renormalises the "
                             "weight, so scaling its update does not move it toward the base")
     columns = [(adapter, scale, f"{label}@{scale:g}") for adapter, label in zip(adapters, labels[1:])
