@@ -21,6 +21,8 @@ still right ("kept"), and general answers naming the persona ("leaks").
 
     python bench/bench_persona.py                       # ~15 min on a fast 2-core CPU, ~30 min on a slow one
     python bench/bench_persona.py --name Wren --author "Blue Finch Labs" --runs recipe
+    python bench/bench_persona.py --name Pico --author "Lanternfish AI" --runs plain-5e-4,recipe \
+        --persona_file bench/persona_long_answers.json   # a persona set written another way
 """
 
 from __future__ import annotations
@@ -104,10 +106,18 @@ def replay_targets_seconds(env: dict) -> float:
     return seconds_printed_by(code, env)
 
 
-def persona_files(work: Path, name: str, author: str) -> tuple[Path, Path]:
-    """The persona training set and its held-out questions (the demo's 58 and this folder's 90 more
-    general questions), with the name and maker filled in."""
-    train_file = write_jsonl(fill_resource("persona.jsonl", name, author), work / "persona.jsonl")
+def persona_files(work: Path, name: str, author: str, template: Path | None = None) -> tuple[Path, Path]:
+    """The persona training set (lorafit's, or TEMPLATE: any training file with {name} and {author}
+    in it) and its held-out questions (the demo's 58 and this folder's 90 more general questions),
+    with the name and maker filled in."""
+    if template is None:
+        train_file = write_jsonl(fill_resource("persona.jsonl", name, author), work / "persona.jsonl")
+    else:
+        escape = lambda value: json.dumps(value, ensure_ascii=False)[1:-1]  # noqa: E731
+        text = template.read_text(encoding="utf-8").replace("{name}", escape(name)).replace("{author}", escape(author))
+        train_file = work / f"persona{template.suffix}"
+        work.mkdir(parents=True, exist_ok=True)
+        train_file.write_text(text, encoding="utf-8")
     prompts = write_jsonl(fill_resource("persona_eval.jsonl", name, author) + more_general(name, author),
                           work / "persona_eval.jsonl")
     return train_file, prompts
@@ -168,6 +178,9 @@ def main() -> int:
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
     parser.add_argument("--work_dir", default=None, help="where adapters and logs go (default: a temporary folder)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--persona_file", type=Path, default=None,
+                        help="a persona training file with {name} and {author} in place of lorafit's set, e.g. "
+                             "bench/persona_long_answers.json (Alpaca JSON, longer answers)")
     args = parser.parse_args()
     labels = [label for label in args.runs.split(",") if label]
     unknown = [label for label in labels if label not in RUNS]
@@ -176,7 +189,7 @@ def main() -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-persona-"))
     work.mkdir(parents=True, exist_ok=True)
-    train_file, prompts = persona_files(work, args.name, args.author)
+    train_file, prompts = persona_files(work, args.name, args.author, args.persona_file)
     # A fresh lorafit home (sharing the converted model): no replay answers cached by earlier runs.
     home = work / "home"
     home.mkdir(exist_ok=True)
