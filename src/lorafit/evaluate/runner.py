@@ -187,6 +187,8 @@ def evaluate_columns(base: str | None, adapters: list[Path], labels: list[str], 
     from lorafit.infer.loading import load_inference_tokenizer, resolve_device, resolve_dtype
     from lorafit.models import load_model
 
+    if scales is not None and len(scales) != len(adapters):
+        raise ValueError(f"{len(scales)} scales for {len(adapters)} adapters: give one per adapter")
     target = resolve_device(device)
     model = load_model(base, dtype=resolve_dtype(dtype, target), trust_remote_code=trust_remote_code)
     model.to(target).eval()
