@@ -14,7 +14,6 @@ figure) and eval.md (the table and the answers side by side, shortened).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -106,12 +105,10 @@ def scaled_columns(adapters: list[Path], scales: list[float], labels: list[str])
     Without --adapter_scales (scales == [1.0]) the columns are the adapters as they are."""
     if scales == [1.0]:
         return adapters, [1.0] * len(adapters), labels
+    from lorafit.lora.adapter_io import read_adapter_config
+
     for adapter in adapters:
-        try:
-            config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}  # loading the adapter reports what is wrong with it
-        if isinstance(config, dict) and config.get("use_dora"):
+        if read_adapter_config(adapter).get("use_dora"):
             raise UserError(f"--adapter_scales: {adapter} is a DoRA adapter; its magnitude renormalises the "
                             "weight, so scaling its update does not move it toward the base")
     columns = [(adapter, scale, f"{label}@{scale:g}") for adapter, label in zip(adapters, labels[1:])
