@@ -366,6 +366,11 @@ class LorafitTrainingArguments(TrainingArguments):
         metadata={"help": "with --replay_distill_top_k: each replay position counts this many times in the loss "
                           "(a firmer anchor to the base model at > 1)"},
     )
+    replay_rotation: bool = field(
+        default=False,
+        metadata={"help": "each epoch trains on all the task rows and the next 1/num_train_epochs of the replay "
+                          "answers: every replay answer once over the run, at that fraction of the per-epoch cost"},
+    )
     frozen_prefix_cache_gb: float = field(
         default=2.0,
         metadata={"help": "when only the top blocks train (--layers_to_transform), keep each example's hidden "
@@ -396,10 +401,10 @@ class LorafitTrainingArguments(TrainingArguments):
             raise ArgumentsError(f"--frozen_prefix_cache_gb must be 0 (off) or more, got {self.frozen_prefix_cache_gb}")
         if self.replay_weight <= 0:
             raise ArgumentsError(f"--replay_weight must be positive, got {self.replay_weight}")
-        if (self.replay_distill_top_k or self.replay_weight != 1.0) and not self.replay_prompts:
-            # a recipe's replay turned off from the command line (--replay_prompts ''): its targets go with it
-            logging.getLogger(__name__).warning("no --replay_prompts: --replay_distill_top_k and --replay_weight "
-                                                "have nothing to act on")
+        if (self.replay_distill_top_k or self.replay_weight != 1.0 or self.replay_rotation) and not self.replay_prompts:
+            # a recipe's replay turned off from the command line (--replay_prompts ''): its settings go with it
+            logging.getLogger(__name__).warning("no --replay_prompts: --replay_distill_top_k, --replay_weight and "
+                                                "--replay_rotation have nothing to act on")
         elif self.replay_weight != 1.0 and not self.replay_distill_top_k:
             raise ArgumentsError("--replay_weight weighs the replay's soft targets: it needs --replay_distill_top_k K")
         if self.warmup_ratio is not None:

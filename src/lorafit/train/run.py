@@ -170,7 +170,8 @@ def prepare_tokenizer(config: TrainConfig, model_path: str):
     return set_chat_template(tokenizer, config.data.template_choice)
 
 
-def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: str, eval_prompts=None):
+def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: str, eval_prompts=None,
+                  train_sampler=None):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from lorafit.data.collate import build_collator
@@ -188,11 +189,16 @@ def build_trainer(config: TrainConfig, model, tokenizer, prepared, model_path: s
         # the adapter is loaded from later, and could pick another model.
         base_model_name_or_path=str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path,
         loraplus_lr_ratio=config.lora.loraplus_lr_ratio, loraplus_lr_embedding=config.lora.loraplus_lr_embedding,
+        train_sampler=train_sampler,
     )
     if trainer.pop_callback(ProgressCallback) is not None:  # tqdm bars on a terminal, plain lines elsewhere
         trainer.add_callback(ReadableProgressCallback() if output_is_terminal() else ReadableLogPrinter())
     if trainer.pop_callback(PrinterCallback) is not None:  # --disable_tqdm
         trainer.add_callback(ReadableLogPrinter())
+    if train_sampler is not None:
+        from lorafit.train.replay_rotation import ReplayRotationCallback
+
+        trainer.add_callback(ReplayRotationCallback(train_sampler))
     if eval_prompts:
         from lorafit.train.eval_prompts import EvalPromptsCallback
 
@@ -258,6 +264,17 @@ def add_replay_targets(config: TrainConfig, model, model_path: str, prepared) ->
     with training.main_process_first(desc="replay targets"):  # one process computes and caches them
         prepared.train = add_soft_targets(prepared.train, model, model_path, replay_path,
                                           training.replay_distill_top_k, training.replay_weight)
+
+
+def keeps_source(config: TrainConfig) -> bool:
+    """Whether the prepared rows keep their "source" column: replay distillation and rotation need to
+    know which rows are replay answers (dropped by `drop_source` once they do)."""
+    training = config.training
+    return distills_replay(config) or bool(training.replay_rotation and training.replay_prompts
+                                           and config.data.train_file)
+
+
+def drop_source(prepared) -> None:
     prepared.train = prepared.train.remove_columns("source")
     if prepared.eval is not None and "source" in prepared.eval.column_names:
         prepared.eval = prepared.eval.remove_columns("source")
@@ -313,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     with training.main_process_first(desc="tokenizing"):
         # Only the main process writes files (rejected.jsonl among them).
         prepared = build_datasets(config.data, tokenizer, str(output_dir) if training.should_save else None,
-                                  seed=training.seed, keep_source=distills_replay(config))
+                                  seed=training.seed, keep_source=keeps_source(config))
     if training.should_log:
         print(prepared.summary.format(), flush=True)
     if training.eval_strategy != "no" and prepared.eval is None:
@@ -327,9 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%s", describe_trainable(model))
     if distills_replay(config):
         add_replay_targets(config, model, model_path, prepared)
+    rotation = None
+    if training.replay_rotation and keeps_source(config):
+        from lorafit.train.replay_rotation import rotation_sampler
+
+        rotation = rotation_sampler(config, prepared.train)
+    if keeps_source(config):
+        drop_source(prepared)
     if training.frozen_prefix_cache_gb > 0 and not config.data.streaming and uses_trained_token_loss(model):
         enable_frozen_prefix_cache(model, training, prepared.summary.tokens)
-    trainer = build_trainer(config, model, tokenizer, prepared, model_path, eval_prompts)
+    trainer = build_trainer(config, model, tokenizer, prepared, model_path, eval_prompts, rotation)
     stop = graceful_stop_of(trainer)
     try:
         result = trainer.train(resume_from_checkpoint=resume)

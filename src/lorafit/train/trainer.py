@@ -107,8 +107,9 @@ def loraplus_parameter_groups(model, lr: float, ratio: float, lr_embedding: floa
 
 class LorafitTrainer(Trainer):
     def __init__(self, *args, base_model_name_or_path: str | None = None, loraplus_lr_ratio: float | None = None,
-                 loraplus_lr_embedding: float = 1e-6, **kwargs):
+                 loraplus_lr_embedding: float = 1e-6, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.train_sampler = train_sampler  # replaces the Trainer's shuffling sampler (replay rotation)
         self.base_model_name_or_path = base_model_name_or_path
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.loraplus_lr_embedding = loraplus_lr_embedding
@@ -119,6 +120,11 @@ class LorafitTrainer(Trainer):
         self._update_skipped = False
         self.nonfinite_streak: list[int] = []  # the steps of the current run of non-finite steps
         self.nonfinite_stop: str | None = None  # why training stopped early on non-finite steps
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
     # --- LoRA+ -------------------------------------------------------------------------------------
 
