@@ -84,14 +84,36 @@ def test_batches_from_kept_states_have_the_loss_and_gradients_of_the_whole_pass(
     assert cache.hits == 4
 
 
-def test_a_batch_with_a_new_example_takes_the_whole_pass_and_keeps_it():
+def test_a_batch_of_new_examples_takes_the_whole_pass_and_keeps_them():
     model = top_block_model(build_tiny_llama)
     assert enable_frozen_prefix_cache(model, ARGS, tokens=1000)
     cache = model._lorafit_prefix_cache
-    old, new = features(1, 3), features(2, 1)
+    loss_and_grads(model, PaddingCollator(0)(features(1, 3)))
+    loss_and_grads(model, PaddingCollator(0)(features(2, 2)))
+    assert (cache.hits, cache.partial_hits, cache.misses, len(cache.states)) == (0, 0, 2, 5)
+
+
+@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_qwen2])
+def test_kept_and_new_examples_in_one_batch_run_the_frozen_blocks_for_the_new_ones_only(builder):
+    """Replay rotation's later epochs: kept task rows beside replay rows not seen before."""
+    model = top_block_model(builder)
+    assert enable_frozen_prefix_cache(model, ARGS, tokens=1000)
+    cache = model._lorafit_prefix_cache
+    old, new = features(1, 3), features(2, 3)
     loss_and_grads(model, PaddingCollator(0)(old))
-    loss_and_grads(model, PaddingCollator(0)(old[:2] + new))
-    assert (cache.hits, cache.misses, len(cache.states)) == (0, 2, 4)
+    mixed = PaddingCollator(0)([new[0], old[0], new[1], old[2]])
+    ran = []
+    hook = model.get_decoder().layers[0].register_forward_hook(lambda module, args, output: ran.append(args[0].shape))
+    cache_loss, cache_grads = loss_and_grads(model, mixed)
+    hook.remove()
+    assert (cache.hits, cache.partial_hits, cache.misses, len(cache.states)) == (0, 1, 1, 5)
+    new_tokens = sum(len(row["input_ids"]) for row in new[:2])
+    assert [shape[1] for shape in ran] == [new_tokens]  # the lowest block saw the two new examples only
+    model._lorafit_prefix_cache = None
+    full_loss, full_grads = loss_and_grads(model, mixed)
+    assert abs(cache_loss - full_loss) <= 1e-5
+    for grad, full in zip(cache_grads, full_grads, strict=True):
+        assert ((grad - full).norm() / full.norm()) <= 1e-5
 
 
 def test_the_cache_stops_keeping_at_its_budget():

@@ -10,7 +10,10 @@ The first time an example is seen, its batch runs the whole model as usual and a
 on the lowest trained block keeps each example's hidden states there (float32 [tokens x hidden],
 about 2.3 KB per token for a hidden size of 576). A batch whose examples are all kept skips the
 blocks below: their states, laid out as the batch's packed row, enter the decoder as its input
-embeddings with the lower blocks taken out of its layer list for that call. The result equals the
+embeddings with the lower blocks taken out of its layer list for that call. A batch of kept and new
+examples (replay rotation's later epochs: kept task rows beside replay rows seen for the first time)
+runs the frozen blocks alone over its new examples, as one packed row of them, keeps their states,
+and then starts at the lowest trained block like a batch of kept ones. The result equals the
 full forward pass up to float rounding (tests/train/test_frozen_prefix.py checks loss and
 gradients), and from the second epoch on a step costs the trained blocks' forward and backward only.
 
@@ -56,6 +59,7 @@ class FrozenPrefixCache:
         self.states: dict[bytes, torch.Tensor] = {}
         self.bytes = 0
         self.hits = self.misses = 0
+        self.partial_hits = 0  # batches of kept and new examples: the frozen blocks ran for the new ones only
 
     @staticmethod
     def key(ids: torch.Tensor) -> bytes:
@@ -67,6 +71,13 @@ class FrozenPrefixCache:
         by the whole model (keeping the states it passes)."""
         lengths = attention_mask.sum(dim=1).tolist()
         keys = [self.key(ids[:n]) for ids, n in zip(input_ids, lengths)]
+        new = [i for i, key in enumerate(keys) if key not in self.states]
+        if new and len(new) < len(keys):  # some kept: the frozen blocks run for the new examples only
+            self._keep_new(input_ids[new], attention_mask[new], [keys[i] for i in new], [lengths[i] for i in new],
+                           **kwargs)
+            if all(key in self.states for key in keys):
+                self.partial_hits += 1
+                return self._forward_from_states(keys, lengths, row.real, row.position_ids, **kwargs)
         if all(key in self.states for key in keys):
             self.hits += 1
             return self._forward_from_states(keys, lengths, row.real, row.position_ids, **kwargs)
@@ -96,6 +107,23 @@ class FrozenPrefixCache:
                 return
             self.states[key] = batch[row, :length].clone()
             self.bytes += size
+
+    @torch.no_grad()
+    def _keep_new(self, input_ids, attention_mask, keys, lengths, **kwargs) -> None:
+        """Run the frozen blocks alone over these (right-padded) examples as one packed row and keep
+        their states (as far as the budget allows)."""
+        real = attention_mask.bool()
+        positions = torch.cumsum(real, dim=1) - 1
+        captured = []
+        all_blocks = self.decoder.layers
+        self.decoder.layers = nn.ModuleList(all_blocks[:self.first])
+        hook = self.decoder.norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:  # the final norm's input is the states entering block `first`
+            self.decoder(input_ids=input_ids[real][None], position_ids=positions[real][None], **kwargs)
+        finally:
+            hook.remove()
+            self.decoder.layers = all_blocks
+        self._keep(keys, lengths, real, 0, captured[0][0])
 
     def _forward_from_states(self, keys, lengths, real, position_ids, **kwargs):
         first_state = self.states[keys[0]]

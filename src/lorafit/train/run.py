@@ -361,8 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         stop.restore_handlers()
     prefix_cache = getattr(model, "_lorafit_prefix_cache", None)
     if prefix_cache is not None:
-        logger.info("frozen-prefix cache: %d of %d batches started at block %d", prefix_cache.hits,
-                    prefix_cache.hits + prefix_cache.misses, prefix_cache.first)
+        logger.info("frozen-prefix cache: %d of %d batches started at block %d, %d more after the frozen "
+                    "blocks ran for their new examples only", prefix_cache.hits,
+                    prefix_cache.hits + prefix_cache.partial_hits + prefix_cache.misses, prefix_cache.first,
+                    prefix_cache.partial_hits)
     stopped = stopped_early(trainer, stop, argv, output_dir)
     if stopped is not None:
         if not training.should_log:
