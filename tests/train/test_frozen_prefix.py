@@ -108,7 +108,8 @@ def test_kept_and_new_examples_in_one_batch_run_the_frozen_blocks_for_the_new_on
     hook.remove()
     assert (cache.hits, cache.partial_hits, cache.misses, len(cache.states)) == (0, 1, 1, 5)
     new_tokens = sum(len(row["input_ids"]) for row in new[:2])
-    assert [shape[1] for shape in ran] == [new_tokens]  # the lowest block saw the two new examples only
+    # the lowest block saw the two new examples only, their common system prompt once
+    assert [shape[1] for shape in ran] == [new_tokens - len(PREFIX)]
     model._lorafit_prefix_cache = None
     full_loss, full_grads = loss_and_grads(model, mixed)
     assert abs(cache_loss - full_loss) <= 1e-5

@@ -65,16 +65,17 @@ class FrozenPrefixCache:
     def key(ids: torch.Tensor) -> bytes:
         return hashlib.blake2b(ids.cpu().numpy().tobytes(), digest_size=16).digest()
 
-    def decoder_forward(self, input_ids, attention_mask, row, **kwargs):
+    def decoder_forward(self, input_ids, attention_mask, row, shift_labels=None, **kwargs):
         """The decoder's output for `row` (`attention.PackedRow`), the packed form of the right-padded
-        batch `input_ids` / `attention_mask`: from kept states when every example's are kept, else
-        by the whole model (keeping the states it passes)."""
+        batch `input_ids` / `attention_mask` (with its `shift_labels`): from kept states when every
+        example's are kept, or once the frozen blocks have run for the new ones, else by the whole
+        model (keeping the states it passes)."""
         lengths = attention_mask.sum(dim=1).tolist()
         keys = [self.key(ids[:n]) for ids, n in zip(input_ids, lengths)]
         new = [i for i, key in enumerate(keys) if key not in self.states]
         if new and len(new) < len(keys):  # some kept: the frozen blocks run for the new examples only
-            self._keep_new(input_ids[new], attention_mask[new], [keys[i] for i in new], [lengths[i] for i in new],
-                           **kwargs)
+            self._keep_new(input_ids[new], attention_mask[new], None if shift_labels is None else shift_labels[new],
+                           row.prefix > 0, [keys[i] for i in new], [lengths[i] for i in new], **kwargs)
             if all(key in self.states for key in keys):
                 self.partial_hits += 1
                 return self._forward_from_states(keys, lengths, row.real, row.position_ids, **kwargs)
@@ -109,21 +110,31 @@ class FrozenPrefixCache:
             self.bytes += size
 
     @torch.no_grad()
-    def _keep_new(self, input_ids, attention_mask, keys, lengths, **kwargs) -> None:
-        """Run the frozen blocks alone over these (right-padded) examples as one packed row and keep
-        their states (as far as the budget allows)."""
-        real = attention_mask.bool()
-        positions = torch.cumsum(real, dim=1) - 1
+    def _keep_new(self, input_ids, attention_mask, shift_labels, share_prefix: bool, keys, lengths,
+                  **kwargs) -> None:
+        """Run the frozen blocks alone over these (right-padded) examples as one packed row (their
+        common untrained prefix once, where the batch's row shares one) and keep their states (as far
+        as the budget allows)."""
+        from lorafit.train.attention import unpad_to_packed_row
+
+        sub = None
+        if shift_labels is not None:
+            sub = unpad_to_packed_row(input_ids, attention_mask, shift_labels, share_prefix)
+        if sub is not None:
+            real, prefix, ids, positions = sub.real, sub.prefix, sub.input_ids, sub.position_ids
+        else:  # no padding to remove: the rows end to end
+            real, prefix = attention_mask.bool(), 0
+            ids, positions = input_ids[real][None], (torch.cumsum(real, dim=1) - 1)[real][None]
         captured = []
         all_blocks = self.decoder.layers
         self.decoder.layers = nn.ModuleList(all_blocks[:self.first])
         hook = self.decoder.norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
         try:  # the final norm's input is the states entering block `first`
-            self.decoder(input_ids=input_ids[real][None], position_ids=positions[real][None], **kwargs)
+            self.decoder(input_ids=ids, position_ids=positions, **kwargs)
         finally:
             hook.remove()
             self.decoder.layers = all_blocks
-        self._keep(keys, lengths, real, 0, captured[0][0])
+        self._keep(keys, lengths, real, prefix, captured[0][0])
 
     def _forward_from_states(self, keys, lengths, real, position_ids, **kwargs):
         first_state = self.states[keys[0]]

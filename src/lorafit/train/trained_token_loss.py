@@ -224,8 +224,8 @@ def use_trained_token_loss(model) -> bool:
                     prefix_cache = getattr(self, "_lorafit_prefix_cache", None)
                     if prefix_cache is not None and self.training and inputs_embeds is None:
                         # the frozen blocks' output, kept from the first epoch (lorafit.train.frozen_prefix)
-                        outputs = prefix_cache.decoder_forward(input_ids, attention_mask, row, use_cache=False,
-                                                               **kwargs)
+                        outputs = prefix_cache.decoder_forward(input_ids, attention_mask, row, shift_labels,
+                                                               use_cache=False, **kwargs)
                     input_ids, position_ids, shift_labels, attention_mask = (row.input_ids, row.position_ids,
                                                                              row.shift_labels, None)
             elif attention_mask is None and position_ids is not None and self._lorafit_shares_prefix:  # --packing
