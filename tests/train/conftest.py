@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lorafit.demo import DEFAULT_AUTHOR, DEFAULT_NAME, HELDOUT_RESOURCE, TRAIN_RESOURCE, identity_records, write_jsonl
@@ -29,3 +31,16 @@ def quick_run_args(model_dir, train_file, output_dir, *extra: str) -> list[str]:
     return ["--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(output_dir),
             "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1",
             "--save_strategy", "no", "--disable_tqdm", "true", *extra]
+
+
+@pytest.fixture
+def finished_replay(monkeypatch, tmp_path):
+    """A replay of fixed 'finished' answers (a random tiny model finishes none of its own)."""
+    from lorafit.train import replay
+
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(replay, "generate_answers", lambda model_path, tokenizer, messages, *a, **k:
+                        [f"a finished answer about topic {i}" for i in range(len(messages))])
+    prompts = tmp_path / "general.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(12)))
+    return prompts

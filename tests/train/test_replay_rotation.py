@@ -58,19 +58,6 @@ def test_rows_are_split_by_their_source_file():
     assert split_rows(sources, "/x/replay.jsonl") == ([0, 2], [1, 3])
 
 
-@pytest.fixture
-def finished_replay(monkeypatch, tmp_path):
-    """A replay of fixed 'finished' answers (a random tiny model finishes none of its own)."""
-    from lorafit.train import replay
-
-    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(replay, "generate_answers", lambda model_path, tokenizer, messages, *a, **k:
-                        [f"a finished answer about topic {i}" for i in range(len(messages))])
-    prompts = tmp_path / "general.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(12)))
-    return prompts
-
-
 def test_a_rotating_run_trains_each_epoch_on_its_own_slice(quick_args, finished_replay, tmp_path, caplog,
                                                            monkeypatch):
     epochs = []

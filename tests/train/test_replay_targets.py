@@ -116,19 +116,6 @@ def test_only_rows_from_the_replay_file_get_targets(tiny_model_dir, tmp_path, mo
     assert all(abs(sum(position) - 3.0) < 1e-5 for row in weights[1:] for position in row)
 
 
-@pytest.fixture
-def finished_replay(monkeypatch, tmp_path):
-    """A replay of fixed 'finished' answers (a random tiny model finishes none of its own)."""
-    from lorafit.train import replay
-
-    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(replay, "generate_answers", lambda model_path, tokenizer, messages, *a, **k:
-                        [f"a finished answer about topic {i}" for i in range(len(messages))])
-    prompts = tmp_path / "general.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(6)))
-    return prompts
-
-
 def test_a_run_with_replay_distillation_trains(quick_args, finished_replay, tmp_path, caplog):
     out = tmp_path / "run"
     caplog.set_level("INFO", logger="lorafit.train.replay_targets")
