@@ -76,11 +76,11 @@ class FrozenPrefixCache:
         if new and len(new) < len(keys):  # some kept: the frozen blocks run for the new examples only
             self._keep_new(input_ids[new], attention_mask[new], None if shift_labels is None else shift_labels[new],
                            row.prefix > 0, [keys[i] for i in new], [lengths[i] for i in new], **kwargs)
-            if all(key in self.states for key in keys):
+        if all(key in self.states for key in keys):  # (unless the budget left some new ones out)
+            if new:
                 self.partial_hits += 1
-                return self._forward_from_states(keys, lengths, row.real, row.position_ids, **kwargs)
-        if all(key in self.states for key in keys):
-            self.hits += 1
+            else:
+                self.hits += 1
             return self._forward_from_states(keys, lengths, row.real, row.position_ids, **kwargs)
         self.misses += 1
         captured = []

@@ -79,9 +79,8 @@ def split_rows(sources: list[str], replay_path: str) -> tuple[list[int], list[in
     return task, replay
 
 
-def rotation_sampler(config, train_dataset) -> ReplayRotationSampler | None:
-    """The sampler of a `lorafit train` run (`config`: its TrainConfig) over its prepared rows (with their
-    "source" column)."""
+def check_rotation_settings(config) -> None:
+    """Refuse, before anything loads, what --replay_rotation cannot combine with (`config`: a TrainConfig)."""
     from lorafit.errors import UserError
 
     training = config.training
@@ -93,6 +92,12 @@ def rotation_sampler(config, train_dataset) -> ReplayRotationSampler | None:
     if training.train_sampling_strategy != "random":
         raise UserError(f"--replay_rotation orders the rows itself; it does not combine with "
                         f"--train_sampling_strategy {training.train_sampling_strategy}")
+
+
+def rotation_sampler(config, train_dataset) -> ReplayRotationSampler | None:
+    """The sampler of a `lorafit train` run (`config`: its TrainConfig) over its prepared rows (with their
+    "source" column)."""
+    training = config.training
     task, replay = split_rows(train_dataset["source"], config.data.train_file[-1])  # add_replay_file put it last
     if not replay:
         logger.warning("replay rotation: no replay row in the training set; the task data trains alone")

@@ -266,12 +266,15 @@ def add_replay_targets(config: TrainConfig, model, model_path: str, prepared) ->
                                           training.replay_distill_top_k, training.replay_weight)
 
 
+def rotates_replay(config: TrainConfig) -> bool:
+    training = config.training
+    return bool(training.replay_rotation and training.replay_prompts and config.data.train_file)
+
+
 def keeps_source(config: TrainConfig) -> bool:
     """Whether the prepared rows keep their "source" column: replay distillation and rotation need to
     know which rows are replay answers (dropped by `drop_source` once they do)."""
-    training = config.training
-    return distills_replay(config) or bool(training.replay_rotation and training.replay_prompts
-                                           and config.data.train_file)
+    return distills_replay(config) or rotates_replay(config)
 
 
 def drop_source(prepared) -> None:
@@ -311,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         from lorafit.evaluate.prompts import read_eval_prompts
 
         eval_prompts = read_eval_prompts(training.eval_prompts, flag="--eval_prompts")
+    if rotates_replay(config):
+        from lorafit.train.replay_rotation import check_rotation_settings
+
+        check_rotation_settings(config)
     if config.lora.adapter_scale != 1.0 and (training.deepspeed or training.fsdp):
         raise UserError("--adapter_scale scales the update on each process's whole model; it is not supported "
                         "with --deepspeed or --fsdp sharding")
@@ -345,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if distills_replay(config):
         add_replay_targets(config, model, model_path, prepared)
     rotation = None
-    if training.replay_rotation and keeps_source(config):
+    if rotates_replay(config):
         from lorafit.train.replay_rotation import rotation_sampler
 
         rotation = rotation_sampler(config, prepared.train)
