@@ -366,6 +366,13 @@ class LorafitTrainingArguments(TrainingArguments):
         metadata={"help": "with --replay_distill_top_k: each replay position counts this many times in the loss "
                           "(a firmer anchor to the base model at > 1)"},
     )
+    replay_token_penalty: float = field(
+        default=0.0,
+        metadata={"help": "with --replay_distill_top_k: at replay positions, keep the task data's signature tokens "
+                          "(in 10%% or more of its answers, 2%% or fewer of the replay's: a persona's name and maker) "
+                          "below the base model's K-th token where its top K do not hold them, at this weight; "
+                          "0: off"},
+    )
     replay_rotation: bool = field(
         default=False,
         metadata={"help": "each epoch trains on all the task rows and the next 1/num_train_epochs of the replay "
@@ -399,14 +406,20 @@ class LorafitTrainingArguments(TrainingArguments):
             raise ArgumentsError(f"--replay_distill_top_k must be 0 (off) or more, got {self.replay_distill_top_k}")
         if self.frozen_prefix_cache_gb < 0:
             raise ArgumentsError(f"--frozen_prefix_cache_gb must be 0 (off) or more, got {self.frozen_prefix_cache_gb}")
+        if self.replay_token_penalty < 0:
+            raise ArgumentsError(f"--replay_token_penalty must be 0 (off) or more, got {self.replay_token_penalty}")
         if self.replay_weight <= 0:
             raise ArgumentsError(f"--replay_weight must be positive, got {self.replay_weight}")
-        if (self.replay_distill_top_k or self.replay_weight != 1.0 or self.replay_rotation) and not self.replay_prompts:
+        if (self.replay_distill_top_k or self.replay_weight != 1.0 or self.replay_rotation
+                or self.replay_token_penalty) and not self.replay_prompts:
             # a recipe's replay turned off from the command line (--replay_prompts ''): its settings go with it
-            logging.getLogger(__name__).warning("no --replay_prompts: --replay_distill_top_k, --replay_weight and "
-                                                "--replay_rotation have nothing to act on")
+            logging.getLogger(__name__).warning("no --replay_prompts: --replay_distill_top_k, --replay_weight, "
+                                                "--replay_token_penalty and --replay_rotation have nothing to act on")
         elif self.replay_weight != 1.0 and not self.replay_distill_top_k:
             raise ArgumentsError("--replay_weight weighs the replay's soft targets: it needs --replay_distill_top_k K")
+        elif self.replay_token_penalty and not self.replay_distill_top_k:
+            raise ArgumentsError("--replay_token_penalty acts where the base model's top K targets are known: it needs "
+                                 "--replay_distill_top_k K")
         if self.warmup_ratio is not None:
             if not 0.0 <= self.warmup_ratio < 1.0:
                 raise ArgumentsError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

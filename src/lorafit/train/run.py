@@ -247,9 +247,11 @@ def distills_replay(config: TrainConfig) -> bool:
     return bool(training.replay_prompts and config.data.train_file and training.replay_distill_top_k)
 
 
-def add_replay_targets(config: TrainConfig, model, model_path: str, prepared) -> None:
+def add_replay_targets(config: TrainConfig, model, model_path: str, prepared, tokenizer) -> None:
     """The base model's top-k distributions as the replay rows' targets (`lorafit.train.replay_targets`),
-    computed before the first step, while the adapted model still equals the base."""
+    computed before the first step, while the adapted model still equals the base; and with
+    --replay_token_penalty, the task data's signature tokens held down at them
+    (`lorafit.train.replay_token_penalty`)."""
     from lorafit.train.replay_targets import add_soft_targets
     from lorafit.train.trained_token_loss import uses_trained_token_loss
 
@@ -264,6 +266,11 @@ def add_replay_targets(config: TrainConfig, model, model_path: str, prepared) ->
     with training.main_process_first(desc="replay targets"):  # one process computes and caches them
         prepared.train = add_soft_targets(prepared.train, model, model_path, replay_path,
                                           training.replay_distill_top_k, training.replay_weight)
+    if training.replay_token_penalty > 0:
+        from lorafit.train.replay_token_penalty import replay_token_penalty
+
+        model._lorafit_token_penalty = replay_token_penalty(prepared.train, replay_path,
+                                                            training.replay_token_penalty, tokenizer)
 
 
 def rotates_replay(config: TrainConfig) -> bool:
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(model_path, config.model, config.lora, training)
     logger.info("%s", describe_trainable(model))
     if distills_replay(config):
-        add_replay_targets(config, model, model_path, prepared)
+        add_replay_targets(config, model, model_path, prepared, tokenizer)
     rotation = None
     if rotates_replay(config):
         from lorafit.train.replay_rotation import rotation_sampler

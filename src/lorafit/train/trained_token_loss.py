@@ -35,6 +35,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from lorafit.data.collate import SOFT_TARGET_IDS, SOFT_TARGET_WEIGHTS
 from lorafit.lora import ModulesToSave
 from lorafit.train import attention
+from lorafit.train.replay_token_penalty import TokenPenalty, penalty_chunk
 
 IGNORE_INDEX = -100
 # Logits per chunk: 32M floats (128 MB in float32), ~680 rows at a 49k vocabulary. Each chunk reads
@@ -67,10 +68,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     `targets` is [n, k]: one token per row (k = 1, `weights` None: the plain cross-entropy) or a
     target distribution over k tokens per row with `weights` [n, k] (soft targets: the cross-entropy
     to that distribution; a hard row is token t at weight 1, the rest 0). A row whose weights sum
-    to s counts s times: loss s * logsumexp(z) - sum_j w_j z_j, gradient s * softmax(z) - w."""
+    to s counts s times: loss s * logsumexp(z) - sum_j w_j z_j, gradient s * softmax(z) - w.
+    `penalty` (a TokenPenalty and the [n] bool rows it applies to) adds its term at those rows
+    (`lorafit.train.replay_token_penalty`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, denominator, chunk_rows):
+    def forward(ctx, hidden, weight, targets, weights, denominator, chunk_rows, penalty=None):
         needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss_dtype = torch.promote_types(weight.dtype, torch.float32)  # the loss is at least float32
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
@@ -95,9 +98,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 target_logits = (target_logits * chunk_weights).sum(dim=-1, keepdim=True)
             sums = logits.exp_().sum(dim=-1, keepdim=True)
             total += (sums.log() * row_scale - target_logits).sum()
+            held = None
+            if penalty is not None:
+                held_loss, held_count, held = penalty_chunk(logits, sums, chunk_targets, chunk_weights,
+                                                            penalty[1][start:start + chunk_rows], penalty[0])
+                total += held_loss
+                row_scale = row_scale - held_count  # its gradient: weight * (onehot(held) - count * softmax)
             if needs_hidden_grad or needs_weight_grad:
                 # d loss / d logits = (scale * softmax - target distribution) / denominator
-                grad_logits = logits.div_(sums * denominator / row_scale)
+                grad_logits = logits.div_(sums * denominator).mul_(row_scale)
+                if held is not None:
+                    grad_logits.index_add_(1, penalty[0].token_ids.to(logits.device), held / denominator)
                 pull = -1.0 if chunk_weights is None else -chunk_weights
                 grad_logits.scatter_add_(1, chunk_targets,
                                          torch.zeros(chunk_targets.shape, dtype=loss_dtype, device=logits.device)
@@ -117,7 +128,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def shift(labels: torch.Tensor) -> torch.Tensor:
@@ -127,7 +138,8 @@ def shift(labels: torch.Tensor) -> torch.Tensor:
 
 def trained_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
                        num_items_in_batch=None, shift_labels: torch.Tensor | None = None,
-                       chunk_elements: int = CHUNK_ELEMENTS, soft_targets=None) -> torch.Tensor:
+                       chunk_elements: int = CHUNK_ELEMENTS, soft_targets=None,
+                       penalty: TokenPenalty | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the trained positions of `hidden` ([batch, seq, dim]).
 
     `labels` are unshifted (as passed to the model); `shift_labels` already shifted. The division is
@@ -135,7 +147,7 @@ def trained_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch
     `soft_targets` (token ids [n, k], weights [n, k]), one row per trained position in row-major
     order, replaces the label of every row whose weights are not all zero by that distribution:
     the cross-entropy to it, the row counting as much as its weights sum to (1 for a probability
-    distribution; see `soft_target_rows`).
+    distribution; see `soft_target_rows`). `penalty` applies at those soft rows only.
     """
     if shift_labels is None:
         shift_labels = shift(labels)
@@ -143,20 +155,21 @@ def trained_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch
     trained = shift_labels != IGNORE_INDEX
     rows = hidden[trained]
     targets = shift_labels[trained][:, None]
-    weights = None
+    weights = held = None
     if soft_targets is not None:
-        targets, weights = soft_target_rows(targets[:, 0], *soft_targets)
+        targets, weights, soft = soft_target_rows(targets[:, 0], *soft_targets)
+        held = None if penalty is None else (penalty, soft[:, 0])
     if num_items_in_batch is None:
         denominator = torch.clamp(trained.sum(), min=1).to(torch.float32)
     else:
         denominator = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32)
     chunk_rows = max(1, chunk_elements // weight.shape[0])
-    return _LinearCrossEntropy.apply(rows, weight, targets, weights, denominator, chunk_rows)
+    return _LinearCrossEntropy.apply(rows, weight, targets, weights, denominator, chunk_rows, held)
 
 
 def soft_target_rows(labels: torch.Tensor, token_ids: torch.Tensor, weights: torch.Tensor):
     """[n, k] target tokens and weights: row i is `token_ids[i]` at `weights[i]` where those are
-    not all zero, else `labels[i]` at weight 1."""
+    not all zero, else `labels[i]` at weight 1; and which rows are soft ([n, 1] bool)."""
     if token_ids.shape[0] != labels.shape[0]:
         raise ValueError(f"soft targets for {token_ids.shape[0]} positions, but the batch trains {labels.shape[0]}")
     token_ids, weights = token_ids.to(labels.device), weights.to(labels.device)
@@ -165,7 +178,7 @@ def soft_target_rows(labels: torch.Tensor, token_ids: torch.Tensor, weights: tor
     hard_ids[:, 0] = labels
     hard_weights = torch.zeros_like(weights)
     hard_weights[:, 0] = 1.0
-    return torch.where(soft, token_ids, hard_ids), torch.where(soft, weights, hard_weights)
+    return torch.where(soft, token_ids, hard_ids), torch.where(soft, weights, hard_weights), soft
 
 
 def supports(model) -> bool:
@@ -238,7 +251,7 @@ def use_trained_token_loss(model) -> bool:
                                          **kwargs)
         loss = trained_token_loss(outputs.last_hidden_state, None, head_weight(self),
                                   num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
-                                  soft_targets=soft_targets)
+                                  soft_targets=soft_targets, penalty=getattr(self, "_lorafit_token_penalty", None))
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     model.forward = types.MethodType(forward, model)
