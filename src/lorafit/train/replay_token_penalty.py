@@ -21,8 +21,10 @@ where the base model has it, so it never pulls against the base model, and it pu
 as a signature token climbs into the ranks where the base model's answer is decided. A signature
 token among a position's top-K targets is left to the distillation ("est" after " small" stays as
 likely as the base model has it). A fixed floor (1e-4) instead of p_K was tried first: it ended
-the leaks too, but pushed tokens the base model gives 1e-4..1e-2 below its 16th and cost general
-answers (87-88% kept where the recipe kept 92-93% on the same seeds).
+the leaks too, but pushed down tokens the base model itself gives more than 1e-4 and cost general
+answers (70-76 of 84 kept on five seed runs where the recipe without it kept 73-78). With p_K, on
+nine seed runs of three personas: the persona named in a general answer in 1 run of 9 (3 of 9
+without), general answers kept as before (77.0 of 84 on average, 76.7 without); docs/train.md.
 
 Signature tokens are found in the data, not named by the user: tokens in at least 10% of the task
 rows' answers and in at most 2% of the replay answers. On lorafit's persona sets they are the
