@@ -106,7 +106,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_scale = row_scale - held_count  # its gradient: weight * (onehot(held) - count * softmax)
             if needs_hidden_grad or needs_weight_grad:
                 # d loss / d logits = (scale * softmax - target distribution) / denominator
-                grad_logits = logits.div_(sums * denominator).mul_(row_scale)
+                # (one pass; a coefficient of 0 divides by inf, giving the 0 it should)
+                grad_logits = logits.div_(sums * denominator / row_scale)
                 if held is not None:
                     grad_logits.index_add_(1, penalty[0].token_ids.to(logits.device), held / denominator)
                 pull = -1.0 if chunk_weights is None else -chunk_weights
