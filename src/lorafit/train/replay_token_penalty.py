@@ -41,11 +41,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafit.data.render import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
 TASK_SHARE = 0.10     # a signature token is in at least this share of the task rows' answers ...
 REPLAY_SHARE = 0.02   # ... and in at most this share of the replay answers
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,11 @@ def penalty_chunk(exp_logits: torch.Tensor, sums: torch.Tensor, targets: torch.T
 def replay_token_penalty(dataset, replay_path: str, weight: float, tokenizer) -> TokenPenalty | None:
     """The penalty over `dataset`'s signature tokens (task rows: every row not from `replay_path`),
     logged with the tokens decoded; None when there are none."""
-    from lorafit.train.replay_targets import source_file
+    from lorafit.train.replay_rotation import split_rows
 
-    is_replay = [source_file(source) == replay_path for source in dataset["source"]]
+    task, replay = split_rows(dataset["source"], replay_path)
     labels = dataset["labels"]
-    tokens = signature_tokens((row for row, replay in zip(labels, is_replay) if not replay),
-                              (row for row, replay in zip(labels, is_replay) if replay))
+    tokens = signature_tokens((labels[i] for i in task), (labels[i] for i in replay))
     if not tokens:
         logger.warning("--replay_token_penalty: no token is in %d%% of the task answers and %d%% or fewer of the "
                        "replay answers; nothing to hold down", 100 * TASK_SHARE, 100 * REPLAY_SHARE)
