@@ -3,6 +3,7 @@
 from lorafit.lora.adapter_io import load_adapter, read_adapter_config, save_adapter
 from lorafit.lora.config import LoraConfig
 from lorafit.lora.embedding import LoraEmbedding
+from lorafit.lora.fused import use_fused
 from lorafit.lora.inject import (
     add_lora,
     enable_gradient_checkpointing,
@@ -19,4 +20,5 @@ __all__ = [
     "LoraConfig", "LoraEmbedding", "LoraLinear", "ModulesToSave", "add_lora", "enable_gradient_checkpointing",
     "find_target_modules", "load_adapter", "lora_layers", "merge_lora", "print_trainable_parameters",
     "read_adapter_config", "save_adapter", "share_inputs", "trainable_parameters", "unmerge_lora",
+    "use_fused",
 ]

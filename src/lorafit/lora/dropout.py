@@ -53,6 +53,10 @@ class InputDropout(nn.Module):
         """True where an element is kept, False where it is dropped, in x's shape."""
         return torch.ge(random_int16(x.numel(), x.device).view(x.shape), self.threshold)
 
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """`~mask(x)`, from the same random numbers: True where an element is dropped."""
+        return torch.lt(random_int16(x.numel(), x.device).view(x.shape), self.threshold)
+
     def masked(self, x: torch.Tensor) -> torch.Tensor:
         """x where kept, 0 where dropped, unscaled (the caller applies `keep_scale`); x itself when inactive."""
         return torch.where(self.mask(x), x, 0.0) if self.active else x

@@ -26,7 +26,9 @@ How the update is computed, cheaply and exactly: dropout's mask is cheap (`lora/
 alpha) as it adds the update to the base output, instead of passes over the large activations,
 so an adapted layer costs two thin matmuls and one mask over its input. Layers that read the same input (q/k/v,
 gate/up) share that mask and the first matmul (`lora/shared_input.py`); `low_rank_input` below is
-the plain path each group must equal.
+the plain path each group must equal. In training, a layer (or its group) runs as one autograd node
+whose backward builds the input's gradient in one buffer (`lora/fused.py`); `forward` below, past
+its first lines, is the plain path that node must equal.
 
 Variants are composed in, one module per idea: DoRA's magnitude (`lora/dora.py`), PiSSA/OLoRA
 initialisation (`lora/init.py`); LoRA on embeddings is its own small layer (`lora/embedding.py`).
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafit.errors import UserError
-from lorafit.lora import dora
+from lorafit.lora import dora, fused
 from lorafit.lora.config import rewrites_base
 from lorafit.lora.dropout import InputDropout
 from lorafit.lora.fold import fold, unfold
@@ -73,6 +75,7 @@ class LoraLinear(nn.Module):
         self.scaling = lora_alpha / r if scaling is None else scaling
         self.lora_dropout = InputDropout(lora_dropout)
         self.shared_input = None  # a SharedInputGroup when siblings read the same input
+        self.fused = True  # train through lora/fused.py's single autograd node where it applies
         device = base_layer.weight.device
         base_dtype = base_layer.weight.dtype  # packed integers for a quantized (QLoRA) base
         dtype = adapter_dtype or (torch.float32 if base_dtype in (torch.float16, torch.bfloat16)
@@ -136,6 +139,10 @@ class LoraLinear(nn.Module):
         return F.linear(self.lora_dropout.masked(x).to(a.dtype), a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.shared_input
+        if group.fusable(x) if group is not None else fused.fusable(self, x):
+            # training: one autograd node for the layer (or its group), the same function (lora/fused.py)
+            return group.output(self, x) if group is not None else fused.fused_outputs([self], x)[0]
         result = self.base_layer(x)
         if self.merged:
             return result

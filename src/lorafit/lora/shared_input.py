@@ -18,7 +18,8 @@ The parameters stay per layer (A_q, A_k, A_v are separate tensors, concatenated 
 files, optimizer state and `named_parameters` are unchanged: the grouping is an execution detail.
 
 Whichever member is called first computes the group's `h` for its input and keeps it until every
-member has taken its slice. A member called with a different input (or after the input or an A
+member has taken its slice; in training, where the group runs as one autograd node (`lora/fused.py`),
+it computes and keeps every member's whole output instead. A member called with a different input (or after the input or an A
 was modified in place, or with grad mode or train/eval mode changed) triggers a fresh computation,
 so a model that does not feed the members the same tensor still gets the right answer, only
 without the saving. Sharded setups that gather parameters per module (DeepSpeed ZeRO-3) must not
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.lora import fused
+
 # Sibling module names that read the same input in the architectures transformers ships.
 SHARED_INPUT_NAMES = (
     ("q_proj", "k_proj", "v_proj"),   # Llama, Mistral, Qwen, Gemma, Phi-3 (unfused), ...
@@ -41,39 +44,52 @@ SHARED_INPUT_NAMES = (
 
 
 class SharedInputGroup:
-    """The members' low-rank inputs `(x * mask) A_i^T`, computed together for one input `x`."""
+    """The members' low-rank inputs `(x * mask) A_i^T` (or, fused, their outputs) computed together for one input `x`."""
 
     def __init__(self, members: list[nn.Module]):
         self.members = members
-        self._held: torch.Tensor | None = None  # the input the slices below were computed for
+        self._held: torch.Tensor | None = None  # the input the results below were computed for
         self._key: tuple | None = None
-        self._slices: list[torch.Tensor] = []
-        self._pending = 0  # members that have not yet taken their slice
+        self._results: list[torch.Tensor] | tuple[torch.Tensor, ...] = []
+        self._pending = 0  # members that have not yet taken their result
 
-    def _key_for(self, x: torch.Tensor, layer: nn.Module) -> tuple:
-        versions = tuple(_version(member.lora_A.weight) for member in self.members)
-        return (_version(x), versions, torch.is_grad_enabled(), layer.training,
-                torch.is_autocast_enabled(x.device.type))
+    def fusable(self, x: torch.Tensor) -> bool:
+        return all(fused.fusable(member, x) for member in self.members)
+
+    def _key_for(self, x: torch.Tensor, layer: nn.Module, fuse: bool) -> tuple:
+        tensors = [member.lora_A.weight for member in self.members]
+        if fuse:  # the outputs also depend on B and the base weights
+            tensors += [t for m in self.members for t in (m.lora_B.weight, m.base_layer.weight)]
+        return (_version(x), tuple(_version(t) for t in tensors), torch.is_grad_enabled(), layer.training,
+                torch.is_autocast_enabled(x.device.type), fuse)
 
     def low_rank_input(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        key = self._key_for(x, layer)
-        if self._pending == 0 or self._held is not x or key != self._key:
-            self._compute(x, key, layer)
-        index = next(i for i, member in enumerate(self.members) if member is layer)
-        h = self._slices[index]
-        self._pending -= 1
-        if self._pending == 0:  # every member has its slice: drop the references
-            self._key, self._slices, self._held = None, [], None
-        return h
+        """The calling member's `(x * mask) A^T` (the plain path)."""
+        return self._take(layer, x, fuse=False)
 
-    def _compute(self, x: torch.Tensor, key: tuple, layer: nn.Module) -> None:
+    def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The calling member's whole output, from one `FusedLora` node for the group (when `fusable`)."""
+        return self._take(layer, x, fuse=True)
+
+    def _take(self, layer: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:
+        key = self._key_for(x, layer, fuse)
+        if self._pending == 0 or self._held is not x or key != self._key:
+            self._results = fused.fused_outputs(self.members, x) if fuse else self._low_rank_inputs(x, layer)
+            self._key, self._held, self._pending = key, x, len(self.members)
+        index = next(i for i, member in enumerate(self.members) if member is layer)
+        result = self._results[index]
+        self._pending -= 1
+        if self._pending == 0:  # every member has its result: drop the references
+            self._key, self._results, self._held = None, [], None
+        return result
+
+    def _low_rank_inputs(self, x: torch.Tensor, layer: nn.Module) -> list[torch.Tensor]:
         dtype = layer.compute_dtype(x)
         a = torch.cat([member.lora_A.weight for member in self.members]).to(dtype)
         # masked as the calling layer's mode says (members in the other mode recompute: the key
         # holds it), before dropout's 1 / (1 - p), as the plain path
         h = F.linear(layer.lora_dropout.masked(x).to(dtype), a)
-        self._slices = list(h.split([member.r for member in self.members], dim=-1))
-        self._key, self._held, self._pending = key, x, len(self.members)
+        return list(h.split([member.r for member in self.members], dim=-1))
 
 
 def _version(tensor: torch.Tensor) -> int | None:

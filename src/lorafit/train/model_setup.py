@@ -14,7 +14,7 @@ import logging
 import torch
 
 from lorafit.errors import UserError
-from lorafit.lora import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, share_inputs
+from lorafit.lora import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, share_inputs, use_fused
 from lorafit.models import load_model
 from lorafit.lora.inject import layer_index
 from lorafit.train.args import LastLayers, LoraArguments, ModelArguments, split_module_list
@@ -140,6 +140,8 @@ def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArgu
         if not use_trained_token_loss(model):
             logger.info("%s keeps its own loss (its head is not a plain linear map)", type(model).__name__)
     if training_args.deepspeed or training_args.fsdp:
-        # Sharded parameters are gathered per module: a layer must not read its siblings' A.
+        # Sharded parameters are gathered per module: a layer must not read its siblings' A, nor
+        # keep a reference to its base weight past the forward pass (the fused node does).
         share_inputs(model, False)
+        use_fused(model, False)
     return model

@@ -1,0 +1,155 @@
+"""One autograd node for an adapted layer, or for a group of layers that read the same input.
+
+Written with autograd's building blocks, an adapted linear layer is a small graph: the frozen
+matmul, the dropout mask, the two thin matmuls, the add. Its backward pass then builds the input's
+gradient from parts that autograd sums one pair at a time in fresh buffers: `g W` from the frozen
+path, `mask * (g_h A)` from the low-rank one, and for q/k/v three of each (`InputBuffer` adds, a
+`where` with its own output, a `cat` of the slices' gradients). Each is a full pass over a
+`[tokens x in]` tensor; together they are a good part of what LoRA adds to a frozen model's step.
+
+Here the members' forward and backward are written out once, for n >= 1 layers that read the same
+input x (q/k/v, gate/up, or one layer alone):
+
+    forward     h = (x * keep) [A_1; ...; A_n]^T                 one mask, one thin matmul
+                y_i = W_i x + b_i;  y_i += s_i h_i B_i^T          the update added in place
+    backward    g_h = [s_1 g_1 B_1, ..., s_n g_n B_n]            thin
+                dB_i = s_i g_i^T h_i;  dA = g_h^T (x * keep)      thin
+                dx = (g_h A) * keep, then += g_i W_i for each i   one buffer, written by the GEMMs
+
+so the input's gradient is one buffer that each frozen GEMM accumulates into (beta = 1), masked in
+place, with no add or `where` pass of its own. It is the same function as the plain path (layer.py
+`LoraLinear.forward`; tests/lora/test_fused.py checks outputs and gradients against it, with
+dropout on, given the same random state).
+
+Used only where it is exactly that function: training with gradients on, the base a plain
+`nn.Linear` with frozen weights and no hooks of its own (a quantized base, DeepSpeed ZeRO-3's
+parameter gathering and accelerate's device hooks work through the module's forward, so they keep
+the plain path), no DoRA, no autocast, not merged, the input in the base weight's dtype. Anything
+else takes the plain path; `use_fused(model, False)` turns it off for a whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """What the node needs besides its differentiable inputs (x, A_1..A_n, B_1..B_n)."""
+
+    weights: tuple[torch.Tensor, ...]  # frozen W_i, [out_i x in]
+    biases: tuple[torch.Tensor | None, ...]
+    scales: tuple[float, ...]  # s_i = alpha_i / r_i, times dropout's 1 / (1 - p) when it is on
+    ranks: tuple[int, ...]
+
+
+class FusedLora(torch.autograd.Function):
+    """`(plan, dropped, x, A_1..A_n, B_1..B_n) -> (y_1..y_n)`; A and B already in x's dtype.
+
+    `dropped` is dropout's bool mask over x as `[tokens x in]`, True where x is zeroed (None: no dropout).
+    """
+
+    @staticmethod
+    def forward(ctx, plan: FusedPlan, dropped: torch.Tensor | None, x: torch.Tensor, *lora: torch.Tensor):
+        n = len(plan.weights)
+        a_list, b_list = lora[:n], lora[n:]
+        flat = x.reshape(-1, x.shape[-1])
+        kept = flat if dropped is None else flat.masked_fill(dropped, 0.0)
+        a = torch.cat(a_list) if n > 1 else a_list[0]
+        h = torch.mm(kept, a.t())
+        outputs, start = [], 0
+        for weight, bias, scale, rank, b in zip(plan.weights, plan.biases, plan.scales, plan.ranks, b_list):
+            y = F.linear(flat, weight, bias)
+            y.addmm_(h[:, start:start + rank], b.t(), alpha=scale)
+            outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            start += rank
+        ctx.plan, ctx.x_shape = plan, x.shape
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, its B's too (as plain autograd)
+        # activations through save_for_backward (so saved-tensor hooks, e.g. CPU offloading, see
+        # them): the masked input, the one-byte mask, h; x itself is not needed
+        ctx.save_for_backward(kept, dropped, h, a, *b_list)
+        return tuple(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None):
+        plan = ctx.plan
+        kept, dropped, h, a, *b_list = ctx.saved_tensors
+        n, tokens = len(plan.weights), h.shape[0]
+        flat_grads = [None if g is None else g.reshape(tokens, g.shape[-1]) for g in grads]
+        grad_h_parts, grad_b = [], []
+        start = 0
+        for g, b, scale, rank in zip(flat_grads, b_list, plan.scales, plan.ranks):
+            h_i = h[:, start:start + rank]
+            start += rank
+            if g is None:  # this output was not used: no gradient through it
+                grad_h_parts.append(h_i.new_zeros(tokens, rank))
+                grad_b.append(None)
+                continue
+            grad_h_parts.append(torch.mm(g, b).mul_(scale))
+            grad_b.append(torch.mm(g.t(), h_i).mul_(scale))
+        grad_h = torch.cat(grad_h_parts, dim=1) if n > 1 else grad_h_parts[0]
+
+        grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_x = torch.mm(grad_h, a)
+            if dropped is not None:
+                grad_x.masked_fill_(dropped, 0.0)
+            for g, weight in zip(flat_grads, plan.weights):
+                if g is not None:
+                    grad_x.addmm_(g, weight)
+            grad_x = grad_x.view(ctx.x_shape)
+        grad_a = [None] * n
+        needs = ctx.needs_input_grad[3:]  # A_1..A_n, B_1..B_n
+        if any(needs[:n]):
+            grad_a = list(torch.mm(grad_h.t(), kept).split(list(plan.ranks)))
+        grad_a = [g if need else None for g, need in zip(grad_a, needs[:n])]
+        grad_b = [g if need else None for g, need in zip(grad_b, needs[n:])]
+        return (None, None, grad_x, *grad_a, *grad_b)
+
+
+def fusable(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer` (a LoraLinear) may run through `FusedLora` for input `x` now."""
+    base = layer.base_layer
+    return (
+        layer.fused and torch.is_grad_enabled() and not layer.merged and layer.lora_magnitude_vector is None
+        and type(base) is nn.Linear and not base.weight.requires_grad
+        and (base.bias is None or not base.bias.requires_grad)
+        and not (base._forward_hooks or base._forward_pre_hooks)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        and x.dim() >= 2 and x.dtype == base.weight.dtype and x.device == base.weight.device
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+def fused_outputs(members: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every member's output for input x, through one `FusedLora` node (members all `fusable`)."""
+    first = members[0]
+    dropout = first.lora_dropout
+    dropped = None
+    if dropout.active:
+        dropped = dropout.dropped(x).view(-1, x.shape[-1])
+    keep_scale = dropout.keep_scale if dropout.active else 1.0
+    plan = FusedPlan(
+        weights=tuple(m.base_layer.weight for m in members),
+        biases=tuple(m.base_layer.bias for m in members),
+        scales=tuple(m.scaling * keep_scale for m in members),
+        ranks=tuple(m.r for m in members),
+    )
+    a_list = [m.lora_A.weight.to(x.dtype) for m in members]
+    b_list = [m.lora_B.weight.to(x.dtype) for m in members]
+    return FusedLora.apply(plan, dropped, x, *a_list, *b_list)
+
+
+def use_fused(model: nn.Module, enabled: bool = True) -> int:
+    """Let the LoRA layers of `model` use the fused node where they can (or keep them on the plain path)."""
+    from lorafit.lora.layer import LoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.fused = enabled
+    return len(layers)
