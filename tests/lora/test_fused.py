@@ -157,3 +157,16 @@ def test_fused_applies_in_the_common_case():
     model = adapted(build_tiny_llama).train()
     layer = next(layer for _, layer in lora_layers(model))
     assert fused.fusable(layer, torch.randn(2, 3, layer.in_features))
+
+
+def test_a_compiled_model_trains_with_dropout():
+    """torch.compile (the Trainer's --torch_compile) traces the node and draws dropout masks with
+    torch's own generator (numpy's, and the 64- to 16-bit view, do not trace)."""
+    model = adapted(build_tiny_llama, dropout=0.1).train()
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = torch.randint(0, 128, (2, 11))
+    loss = compiled(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -71,6 +71,8 @@ class InputDropout(nn.Module):
 
 def random_int16(numel: int, device: torch.device) -> torch.Tensor:
     """`numel` uniform 16-bit integers, every bit descended from torch's default generator."""
+    if torch.compiler.is_compiling():  # torch.compile traces neither numpy's generator nor a dtype view
+        return torch.randint(_INT16_MIN, -_INT16_MIN, (numel,), dtype=torch.int16, device=device)
     if device.type == "cpu":
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
         words = np.random.PCG64DXSM(seed).random_raw((numel + 3) // 4)
