@@ -5,6 +5,8 @@ Each variant runs the same forward + backward + optimizer step on the same model
            every LoRA method must do at least (activation gradients through every layer)
   lorafit  lorafit.add_lora, target all-linear, with lorafit train's loss (head and loss at trained
            positions only, chunked: `lorafit.train.trained_token_loss`); every position is trained here
+  lorafit_plain  (only when asked for: --variants floor,lorafit,lorafit_plain) lorafit with its
+           layers on autograd's plain path instead of one fused node per layer (lorafit/lora/fused.py)
   peft     peft.get_peft_model with the same LoraConfig (PEFT's defaults: fp32 adapters, autocast)
 and prints the median step time, tokens/s and peak memory, with ratios to the floor and between us
 and PEFT. Timings interleave the variants round by round so drift hits all of them alike.
@@ -59,9 +61,10 @@ def make_variant(kind: str, args, dtype, device):
         model.requires_grad_(False)
         model.enable_input_require_grads()
         params = []
-    elif kind == "lorafit":
+    elif kind in ("lorafit", "lorafit_plain"):
         lorafit.add_lora(model, lorafit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                                    target_modules="all-linear"))
+        lorafit.lora.use_fused(model, kind == "lorafit")
         if not args.model_loss:
             use_trained_token_loss(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -167,6 +170,9 @@ def main() -> None:
     if "lorafit" in times and "peft" in times:
         speedup = statistics.median(times["peft"]) / statistics.median(times["lorafit"])
         print(f"peft / lorafit step time: {speedup:.3f}  (>1 means lorafit is faster)")
+    if "lorafit" in times and "lorafit_plain" in times:
+        gain = statistics.median(times["lorafit_plain"]) / statistics.median(times["lorafit"])
+        print(f"lorafit_plain / lorafit step time: {gain:.3f}  (what the fused node saves)")
     if args.json:
         print("JSON " + json.dumps({kind: statistics.median(values) for kind, values in times.items()}))
 
@@ -197,7 +203,8 @@ def across_processes(args) -> None:
         if index == 0:
             print(next(line for line in lines if line.startswith("device:")))
     kinds = list(runs[0])
-    ratios = [(label, a, b) for label, a, b in (("lorafit x floor", "lorafit", "floor"), ("peft / lorafit", "peft", "lorafit"))
+    ratios = [(label, a, b) for label, a, b in (("lorafit x floor", "lorafit", "floor"), ("peft / lorafit", "peft", "lorafit"),
+                                                ("plain / fused", "lorafit_plain", "lorafit"))
               if a in kinds and b in kinds]
     print("process " + "".join(f"{kind + ' ms':>12}" for kind in kinds) + "".join(f"{label:>16}" for label, _, _ in ratios))
 
