@@ -170,3 +170,16 @@ def test_a_compiled_model_trains_with_dropout():
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_a_bf16_base_under_bf16_autocast_is_fused_and_equals_plain():
+    """The Trainer's --bf16: base weights in bfloat16, the forward under autocast to bfloat16."""
+    model = adapted(build_tiny_llama, torch.bfloat16, dropout=0.1).train()
+    layer = next(layer for _, layer in lora_layers(model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.fusable(layer, torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16))
+        fused_loss, fused_grads = loss_and_grads(model, True)
+        plain_loss, plain_grads = loss_and_grads(model, False)
+    assert relative_error(fused_loss, plain_loss) <= 5e-2
+    for name in plain_grads:
+        assert relative_error(fused_grads[name], plain_grads[name]) <= 5e-2, name

@@ -24,7 +24,8 @@ dropout on, given the same random state).
 Used only where it is exactly that function: training with gradients on, the base a plain
 `nn.Linear` with frozen weights and no hooks of its own (a quantized base, DeepSpeed ZeRO-3's
 parameter gathering and accelerate's device hooks work through the module's forward, so they keep
-the plain path), no DoRA, no autocast, not merged, the input in the base weight's dtype. Anything
+the plain path), no DoRA, not merged, the input in the base weight's dtype (and in autocast's, under autocast: a bf16
+base under `--bf16`). Anything
 else takes the plain path; `use_fused(model, False)` turns it off for a whole model.
 """
 
@@ -122,7 +123,7 @@ def fusable(layer: nn.Module, x: torch.Tensor) -> bool:
         and not (base._forward_hooks or base._forward_pre_hooks)
         and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
         and x.dim() >= 2 and x.dtype == base.weight.dtype and x.device == base.weight.device
-        and not torch.is_autocast_enabled(x.device.type)
+        and (not torch.is_autocast_enabled(x.device.type) or torch.get_autocast_dtype(x.device.type) == x.dtype)
     )
 
 
