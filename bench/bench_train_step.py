@@ -162,11 +162,11 @@ def main() -> None:
           f"| lorafit loss: {'model' if args.model_loss else 'trained-token'} "
           f"| torch {torch.__version__} | commit {commit()}")
     floor = statistics.median(times["floor"]) if "floor" in times else None
-    print(f"{'variant':<9} {'step ms':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")
+    print(f"{'variant':<13} {'step ms':>9} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9}")
     for kind in kinds:
         median = statistics.median(times[kind])
         ratio = f"{median / floor:8.3f}" if floor else "       -"
-        print(f"{kind:<9} {median * 1e3:9.1f} {args.batch * args.seq / median:10.0f} {ratio} {peak[kind]:9.2f}")
+        print(f"{kind:<13} {median * 1e3:9.1f} {args.batch * args.seq / median:10.0f} {ratio} {peak[kind]:9.2f}")
     if "lorafit" in times and "peft" in times:
         speedup = statistics.median(times["peft"]) / statistics.median(times["lorafit"])
         print(f"peft / lorafit step time: {speedup:.3f}  (>1 means lorafit is faster)")
@@ -206,10 +206,11 @@ def across_processes(args) -> None:
     ratios = [(label, a, b) for label, a, b in (("lorafit x floor", "lorafit", "floor"), ("peft / lorafit", "peft", "lorafit"),
                                                 ("plain / fused", "lorafit_plain", "lorafit"))
               if a in kinds and b in kinds]
-    print("process " + "".join(f"{kind + ' ms':>12}" for kind in kinds) + "".join(f"{label:>16}" for label, _, _ in ratios))
+    widths = {kind: max(12, len(kind) + 5) for kind in kinds}
+    print("process " + "".join(f"{kind + ' ms':>{widths[kind]}}" for kind in kinds) + "".join(f"{label:>16}" for label, _, _ in ratios))
 
     def row(label, figures):
-        return (f"{label:<8}" + "".join(f"{figures[kind] * 1e3:12.1f}" for kind in kinds)
+        return (f"{label:<8}" + "".join(f"{figures[kind] * 1e3:{widths[kind]}.1f}" for kind in kinds)
                 + "".join(f"{figures[a] / figures[b]:16.3f}" for _, a, b in ratios))
 
     for index, figures in enumerate(runs):
