@@ -183,3 +183,21 @@ def test_a_bf16_base_under_bf16_autocast_is_fused_and_equals_plain():
     assert relative_error(fused_loss, plain_loss) <= 5e-2
     for name in plain_grads:
         assert relative_error(fused_grads[name], plain_grads[name]) <= 5e-2, name
+
+
+def test_a_member_called_twice_gets_a_fresh_output_it_may_modify_in_place():
+    parent = torch.nn.Module()
+    parent.gate_proj, parent.up_proj = (
+        LoraLinear(torch.nn.Linear(8, 6, bias=False).requires_grad_(False), r=2, lora_alpha=4, init_lora_weights=False)
+        for _ in range(2))
+    share_inputs(parent)
+    x = torch.randn(4, 8, requires_grad=True)
+    first = parent.gate_proj(x)
+    expected = first.detach().clone()
+    first.mul_(0)  # the caller owns its output
+    second = parent.gate_proj(x)
+    assert second is not first
+    torch.testing.assert_close(second.detach(), expected)
+    torch.testing.assert_close(parent.up_proj(x).detach(),
+                               parent.up_proj.base_layer(x).detach() + 2 * (x @ parent.up_proj.lora_A.weight.T
+                                                                             @ parent.up_proj.lora_B.weight.T).detach())

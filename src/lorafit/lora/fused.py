@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -64,9 +63,16 @@ class FusedLora(torch.autograd.Function):
         h = torch.mm(kept, a.t())
         outputs, start = [], 0
         for weight, bias, scale, rank, b in zip(plan.weights, plan.biases, plan.scales, plan.ranks, b_list):
-            y = F.linear(flat, weight, bias)
-            y.addmm_(h[:, start:start + rank], b.t(), alpha=scale)
-            outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            # written through a flat view into a tensor of the output's shape: an output that is
+            # itself a view could not be modified in place by the caller
+            y = x.new_empty(*x.shape[:-1], weight.shape[0])
+            flat_y = y.view(-1, weight.shape[0])
+            if bias is None:
+                torch.mm(flat, weight.t(), out=flat_y)
+            else:
+                torch.addmm(bias, flat, weight.t(), out=flat_y)
+            flat_y.addmm_(h[:, start:start + rank], b.t(), alpha=scale)
+            outputs.append(y)
             start += rank
         ctx.plan, ctx.x_shape = plan, x.shape
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, its B's too (as plain autograd)
@@ -127,10 +133,9 @@ def fusable(layer: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def fused_outputs(members: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Every member's output for input x, through one `FusedLora` node (members all `fusable`)."""
-    first = members[0]
-    dropout = first.lora_dropout
+def fused_outputs(members: list[nn.Module], x: torch.Tensor, dropout: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Every member's output for input x, through one `FusedLora` node (members all `fusable`), with
+    `dropout` (the calling member's: members of a group share p) drawing the one mask."""
     dropped = None
     if dropout.active:
         dropped = dropout.dropped(x).view(-1, x.shape[-1])

@@ -142,7 +142,7 @@ class LoraLinear(nn.Module):
         group = self.shared_input
         if group.fusable(x) if group is not None else fused.fusable(self, x):
             # training: one autograd node for the layer (or its group), the same function (lora/fused.py)
-            return group.output(self, x) if group is not None else fused.fused_outputs([self], x)[0]
+            return group.output(self, x) if group is not None else fused.fused_outputs([self], x, self.lora_dropout)[0]
         result = self.base_layer(x)
         if self.merged:
             return result

@@ -51,7 +51,7 @@ class SharedInputGroup:
         self._held: torch.Tensor | None = None  # the input the results below were computed for
         self._key: tuple | None = None
         self._results: list[torch.Tensor] | tuple[torch.Tensor, ...] = []
-        self._pending = 0  # members that have not yet taken their result
+        self._untaken: set[int] = set()  # indices of the members that have not yet taken their result
 
     def fusable(self, x: torch.Tensor) -> bool:
         return all(fused.fusable(member, x) for member in self.members)
@@ -73,13 +73,16 @@ class SharedInputGroup:
 
     def _take(self, layer: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:
         key = self._key_for(x, layer, fuse)
-        if self._pending == 0 or self._held is not x or key != self._key:
-            self._results = fused.fused_outputs(self.members, x) if fuse else self._low_rank_inputs(x, layer)
-            self._key, self._held, self._pending = key, x, len(self.members)
         index = next(i for i, member in enumerate(self.members) if member is layer)
+        # a member called again before its siblings (or with another input) gets a fresh result, never
+        # one it already has (a caller may modify its output in place)
+        if index not in self._untaken or self._held is not x or key != self._key:
+            self._results = (fused.fused_outputs(self.members, x, layer.lora_dropout) if fuse
+                             else self._low_rank_inputs(x, layer))
+            self._key, self._held, self._untaken = key, x, set(range(len(self.members)))
         result = self._results[index]
-        self._pending -= 1
-        if self._pending == 0:  # every member has its result: drop the references
+        self._untaken.discard(index)
+        if not self._untaken:  # every member has its result: drop the references
             self._key, self._results, self._held = None, [], None
         return result
 
