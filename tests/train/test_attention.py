@@ -89,6 +89,55 @@ def test_the_fast_kernels_are_the_ones_used(monkeypatch):
     assert calls == [(max(LENGTHS), True, True)] * layers
 
 
+def test_short_half_precision_segments_attend_in_float32_on_a_cpu(monkeypatch):
+    """torch's CPU flash attention is slow in bf16 on short sequences: those segments run in float32,
+    the output back in bf16; loss and gradients are no further from the float32 model's than stock
+    bf16 sdpa's (in a model all in bf16, adapters included, some gradients are off by ~40% either way)."""
+    model = adapted(build_tiny_llama)
+    batch = PackingCollator(0)(examples())
+    use_training_attention(model)
+    exact_loss, exact_grads = loss_and_grads(model, batch)  # float32 throughout: the reference
+    model.to(torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    stock_loss, stock_grads = loss_and_grads(model, batch)  # stock bf16 sdpa, with its block-diagonal mask
+    use_training_attention(model)
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        half = query.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")  # computed in bf16
+        seen.append((key.shape[2], torch.bfloat16 if half else torch.float32))
+        return original(query, key, value, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    loss, grads = loss_and_grads(model, batch)
+    layers = model.config.num_hidden_layers
+    assert sorted(seen) == sorted([(length, torch.float32) for length in LENGTHS] * layers)
+    assert all(grad.dtype == torch.bfloat16 for grad in grads)
+
+    def error(grads_):
+        return max(float((g.float() - e).norm() / e.norm()) for g, e in zip(grads_, exact_grads))
+
+    assert abs(stock_loss.float() - exact_loss) <= 1e-2 * abs(exact_loss)
+    assert abs(loss.float() - exact_loss) <= 1e-2 * abs(exact_loss)
+    assert error(grads) <= 1.25 * error(stock_grads)
+
+    seen.clear()  # segments at or above the threshold keep the half-precision kernel
+    monkeypatch.setattr(attention, "CPU_FLOAT32_ATTENTION_BELOW", 9)
+    with torch.no_grad():
+        model(**batch)
+    assert sorted(set(seen)) == [(3, torch.float32), (5, torch.float32), (9, torch.bfloat16), (12, torch.bfloat16)]
+
+    seen.clear()  # under autocast (`--bf16` with a float32 model) too, and the output in autocast's dtype
+    model.float()
+    attention_outputs = []
+    model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda _, args: attention_outputs.append(args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch)
+    assert attention_outputs[0].dtype == torch.bfloat16
+    assert sorted(set(seen)) == [(3, torch.float32), (5, torch.float32), (9, torch.bfloat16), (12, torch.bfloat16)]
+
+
 def test_left_padding_and_caches_keep_the_mask():
     model = adapted(build_tiny_llama)
     ids = torch.randint(0, 128, (2, 6))
