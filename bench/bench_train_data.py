@@ -115,6 +115,7 @@ def run_peer(argv: list[str]) -> None:
         output_dir=args.output, per_device_train_batch_size=int(args.per_device_train_batch_size),
         num_train_epochs=float(args.num_train_epochs), learning_rate=float(args.learning_rate), seed=int(args.seed),
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, bf16=bool(args.bf16),
+        use_cpu=not torch.cuda.is_available(),  # the Trainer refuses bf16 without a GPU unless told it is a CPU run
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     result = Trainer(model=model, args=training, train_dataset=train, data_collator=collator).train()

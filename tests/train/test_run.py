@@ -178,3 +178,13 @@ def test_a_run_stopped_by_bad_data_does_not_block_its_folder(tmp_path, quick_arg
         run.main(args[:args.index("--train_file") + 1] + [str(broken)] + args[args.index("--train_file") + 2:])
     assert (out / "lorafit_config.yaml").exists() and not (out / "metrics.jsonl").exists()
     assert run.main(args) == 0  # the corrected rerun goes ahead in the same folder
+
+
+@pytest.mark.parametrize("flags, hinted", [((), True), (("--bf16", "true"), False)])
+def test_a_cpu_with_bf16_units_gets_a_hint_to_train_in_bf16(tmp_path, quick_args, monkeypatch, caplog, flags, hinted):
+    from lorafit.train import model_setup
+
+    monkeypatch.setattr(model_setup, "cpu_has_bf16_units", lambda: True)
+    with caplog.at_level("INFO", logger="lorafit.train.model_setup"):
+        assert run.main(quick_args(tmp_path / "run", "--max_steps", "1", *flags)) == 0
+    assert ("--bf16 true trains faster" in caplog.text) == hinted

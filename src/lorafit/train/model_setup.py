@@ -139,9 +139,23 @@ def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArgu
     if model_args.trained_token_loss and lora_args.lora_impl == "native" and not training_args.use_liger_kernel:
         if not use_trained_token_loss(model):
             logger.info("%s keeps its own loss (its head is not a plain linear map)", type(model).__name__)
+    if (not (training_args.bf16 or training_args.fp16) and model.dtype == torch.float32
+            and model.device.type == "cpu" and cpu_has_bf16_units()):
+        logger.info("this CPU has bf16 matrix units (AMX): --bf16 true trains faster here than float32 "
+                    "(docs/train.md, \"bf16 on a CPU\")")
     if training_args.deepspeed or training_args.fsdp:
         # Sharded parameters are gathered per module: a layer must not read its siblings' A, nor
         # keep a reference to its base weight past the forward pass (the fused node does).
         share_inputs(model, False)
         use_fused(model, False)
     return model
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX). Without them a bf16 step on
+    a CPU is emulated, and far slower than float32; with them it is faster (docs/train.md)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own check, private: may go away
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
