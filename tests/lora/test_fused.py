@@ -51,7 +51,7 @@ def calls_of_fused_node(model) -> list[int]:
 
 # The same sums in another order (the input's gradient accumulated by the GEMMs instead of added
 # up by autograd): float64 shows the maths is the same; float32 and bfloat16 differ by rounding.
-TOLERANCE = [(torch.float64, 1e-12), (torch.float32, 5e-5), (torch.bfloat16, 5e-2)]
+TOLERANCE = [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 5e-2)]
 
 
 @pytest.mark.parametrize("dtype,tolerance", TOLERANCE)
@@ -89,7 +89,7 @@ def test_fused_with_only_the_top_layers_adapted_and_gradient_checkpointing():
     plain_loss, plain_grads = loss_and_grads(model, False)
     assert abs(fused_loss - plain_loss) <= 1e-5
     for name in plain_grads:
-        assert relative_error(fused_grads[name], plain_grads[name]) <= 5e-5, name
+        assert relative_error(fused_grads[name], plain_grads[name]) <= 1e-5, name
 
 
 def test_fused_group_with_an_unused_member_and_biases():

@@ -26,10 +26,10 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 # The same sums in another order (one wide matmul instead of three, addmm instead of add): float64
-# shows the maths is the same (relative error ~1e-15); float32 differs by rounding only, ~1e-5 of a
-# gradient's norm on these random models (elementwise: loss within 1e-5); bfloat16 (8-bit mantissa,
+# shows the maths is the same (relative error ~1e-15); float32 differs by rounding only, ~1e-6 of a
+# gradient's norm on these random models (held to 1e-5, loss within 1e-5); bfloat16 (8-bit mantissa,
 # rounding at every op) within 5e-2.
-TOLERANCE = [(torch.float64, 1e-12), (torch.float32, 5e-5), (torch.bfloat16, 5e-2)]
+TOLERANCE = [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 5e-2)]
 
 
 @pytest.mark.parametrize("dtype,tolerance", TOLERANCE)
@@ -50,7 +50,7 @@ def test_grouped_equals_plain_in_eval_with_dropout_configured():
     plain_loss, plain = loss_and_grads(build_tiny_llama, grouped=False, dropout=0.3)
     assert abs(grouped_loss - plain_loss) <= 1e-5
     for name in plain:
-        assert relative_error(grouped[name], plain[name]) <= 5e-5, name
+        assert relative_error(grouped[name], plain[name]) <= 1e-5, name
 
 
 def test_groups_are_the_projections_that_read_the_same_input(tiny_llama):
