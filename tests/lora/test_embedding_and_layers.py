@@ -111,6 +111,7 @@ def test_every_peft_config_key_is_read_ignored_inert_or_refused():
 @pytest.mark.parametrize("key,value", [("lora_bias", True), ("trainable_token_indices", [1, 2]),
                                        ("layer_replication", [[0, 2]]), ("ensure_weight_tying", True),
                                        ("init_lora_weights", "loftq"), ("init_lora_weights", "corda"),
+                                       ("init_lora_weights", "astra"),
                                        ("init_lora_weights", "some_future_init")])
 def test_unsupported_features_are_refused_by_name(tmp_path, tiny_llama, key, value):
     lorafit.save_adapter(lorafit.add_lora(tiny_llama, lorafit.LoraConfig()), tmp_path)
@@ -118,3 +119,15 @@ def test_unsupported_features_are_refused_by_name(tmp_path, tiny_llama, key, val
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), key: value}))
     with pytest.raises(UserError, match=key):
         lorafit.load_adapter(build_tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "eva", "orthogonal", "mica", "nora"])
+def test_initialisations_that_leave_the_base_alone_load_as_their_weights(tmp_path, tiny_llama, init):
+    """The weights come from the file: how they were first drawn does not change the adapter's outputs."""
+    model = lorafit.add_lora(tiny_llama, lorafit.LoraConfig(init_lora_weights=False))
+    ids = torch.randint(0, 128, (1, 7))
+    lorafit.save_adapter(model, tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "init_lora_weights": init}))
+    with torch.no_grad():
+        torch.testing.assert_close(lorafit.load_adapter(build_tiny_llama(), tmp_path)(ids).logits, model(ids).logits)

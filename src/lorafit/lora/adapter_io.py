@@ -53,10 +53,11 @@ IGNORED_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "inference_
 # Keys recent PEFT writes that cannot change the outputs of a loaded adapter: how its weights were
 # initialised (they come from the file), how PEFT places them at run time, and options of features
 # that are off.
-INERT_KEYS = {"loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+INERT_KEYS = {"loftq_config", "eva_config", "corda_config", "lora_ga_config", "astra_config", "runtime_config",
               "megatron_core", "qalora_group_size"}
 # PEFT features lorafit lacks, which would silently change the result if ignored:
-# (key, values meaning "not used"); checked against PEFT 0.21's LoraConfig fields by a test.
+# (key, values meaning "not used"); checked against the installed PEFT's LoraConfig fields by a test
+# (written against 0.21; 0.22 added astra_config, an option of the astra initialisation refused below).
 UNSUPPORTED = {"lora_bias": (False, None), "target_parameters": (None, []), "trainable_token_indices": (None, {}),
                "use_qalora": (False, None), "alora_invocation_tokens": (None,), "megatron_config": (None,),
                "layer_replication": (None, []), "use_bdlora": (None, False, {}), "arrow_config": (None, {}),
@@ -64,8 +65,8 @@ UNSUPPORTED = {"lora_bias": (False, None), "target_parameters": (None, []), "tra
                "ensure_weight_tying": (False, None)}
 # init_lora_weights values of adapters whose outputs do not depend on the initialisation (the weights
 # come from the file), and those that rewrite the base weight in a way lorafit cannot redo.
-INERT_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
-UNSUPPORTED_INITS = ("loftq", "corda", "lora_ga")
+INERT_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica", "nora")
+UNSUPPORTED_INITS = ("loftq", "corda", "lora_ga", "astra")  # astra (PEFT 0.22): like corda, a residual base
 EMPTY_VALUES = (None, False, "", [], {})
 
 
