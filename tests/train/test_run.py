@@ -188,3 +188,13 @@ def test_a_cpu_with_bf16_units_gets_a_hint_to_train_in_bf16(tmp_path, quick_args
     with caplog.at_level("INFO", logger="lorafit.train.model_setup"):
         assert run.main(quick_args(tmp_path / "run", "--max_steps", "1", *flags)) == 0
     assert ("--bf16 true trains faster" in caplog.text) == hinted
+
+
+def test_no_bf16_hint_for_a_run_headed_for_an_accelerator(tmp_path, quick_args, monkeypatch, caplog):
+    from lorafit.train import model_setup
+
+    monkeypatch.setattr(model_setup, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(model_setup, "has_accelerator", lambda: True)  # the run moves to a GPU after loading
+    with caplog.at_level("INFO", logger="lorafit.train.model_setup"):
+        assert run.main(quick_args(tmp_path / "run", "--max_steps", "1", "--use_cpu", "false")) == 0
+    assert "--bf16 true trains faster" not in caplog.text

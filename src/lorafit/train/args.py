@@ -555,7 +555,7 @@ def _apply_contextual_defaults(values: dict, explicit: set[str]) -> None:
         # Data parallel tracks only trainable parameters, and every adapter weight is used in every
         # forward: the search for unused ones is an extra graph traversal per step for nothing.
         values["ddp_find_unused_parameters"] = False
-    if not _has_accelerator():
+    if not has_accelerator():
         if "dataloader_pin_memory" not in explicit:
             values["dataloader_pin_memory"] = False  # pinning needs an accelerator; on CPU it only warns
         if "use_cpu" not in explicit:
@@ -564,7 +564,7 @@ def _apply_contextual_defaults(values: dict, explicit: set[str]) -> None:
             values["use_cpu"] = True
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
     import torch
 
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 covers cuda, mps, xpu, ...

@@ -17,7 +17,7 @@ from lorafit.errors import UserError
 from lorafit.lora import LoraConfig, add_lora, enable_gradient_checkpointing, load_adapter, share_inputs, use_fused
 from lorafit.models import load_model
 from lorafit.lora.inject import layer_index
-from lorafit.train.args import LastLayers, LoraArguments, ModelArguments, split_module_list
+from lorafit.train.args import LastLayers, LoraArguments, ModelArguments, has_accelerator, split_module_list
 from lorafit.train.attention import use_training_attention
 from lorafit.train.trained_token_loss import use_trained_token_loss
 
@@ -139,8 +139,9 @@ def build_model(model_path: str, model_args: ModelArguments, lora_args: LoraArgu
     if model_args.trained_token_loss and lora_args.lora_impl == "native" and not training_args.use_liger_kernel:
         if not use_trained_token_loss(model):
             logger.info("%s keeps its own loss (its head is not a plain linear map)", type(model).__name__)
-    if (not (training_args.bf16 or training_args.fp16) and model.dtype == torch.float32
-            and model.device.type == "cpu" and cpu_has_bf16_units()):
+    trains_on_cpu = training_args.use_cpu or not has_accelerator()  # the model is still on the CPU here either way
+    if (not (training_args.bf16 or training_args.fp16) and model.dtype == torch.float32 and trains_on_cpu
+            and cpu_has_bf16_units()):
         logger.info("this CPU has bf16 matrix units (AMX): --bf16 true trains faster here than float32 "
                     "(docs/train.md, \"bf16 on a CPU\")")
     if training_args.deepspeed or training_args.fsdp:
