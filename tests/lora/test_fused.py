@@ -9,10 +9,7 @@ import lorafit
 from lorafit.lora import LoraLinear, lora_layers, share_inputs, use_fused
 from lorafit.lora import fused
 from model_builders import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((value.double() - reference.double()).norm() / reference.double().norm()).item()
+from test_shared_input import relative_error
 
 
 def loss_and_grads(model, fused_on: bool, seed: int = 5):

@@ -139,10 +139,12 @@ class LoraLinear(nn.Module):
         return F.linear(self.lora_dropout.masked(x).to(a.dtype), a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # training: one autograd node for the layer (or its group), the same function (lora/fused.py)
         group = self.shared_input
-        if group.fusable(x) if group is not None else fused.fusable(self, x):
-            # training: one autograd node for the layer (or its group), the same function (lora/fused.py)
-            return group.output(self, x) if group is not None else fused.fused_outputs([self], x, self.lora_dropout)[0]
+        if group is not None and group.fusable(x):
+            return group.output(self, x)
+        if group is None and fused.fusable(self, x):
+            return fused.fused_outputs([self], x, self.lora_dropout)[0]
         result = self.base_layer(x)
         if self.merged:
             return result
