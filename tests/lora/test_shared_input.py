@@ -1,11 +1,10 @@
-"""The fast LoRA path (shared-input groups, addmm, folded scales, cheap dropout mask) against the plain one."""
+"""The fast LoRA path (shared-input groups, addmm, folded scales) against the plain one."""
 
 import pytest
 import torch
 
 import lorafit
 from lorafit.lora import LoraLinear, lora_layers, share_inputs
-from lorafit.lora.dropout import InputDropout
 from model_builders import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
 
 
@@ -95,40 +94,6 @@ def test_grouped_training_with_dropout_shares_one_mask():
     h_gate = parent.gate_proj.shared_input.low_rank_input(parent.gate_proj, x)
     h_up = parent.up_proj.shared_input.low_rank_input(parent.up_proj, x)
     torch.testing.assert_close(h_gate, h_up)
-
-
-def test_cheap_dropout_mask_rate_and_expectation():
-    torch.manual_seed(0)
-    dropout = InputDropout(0.1).train()
-    x = torch.ones(1000, 1000)
-    mask = dropout.mask(x)
-    assert mask.dtype == torch.bool and mask.shape == x.shape  # one byte per element kept for backward
-    assert mask.float().mean().item() == pytest.approx(0.9, abs=2e-3)
-    kept = dropout.masked(x.bfloat16())
-    assert kept.dtype == torch.bfloat16 and set(kept.unique().tolist()) == {0.0, 1.0}  # unscaled, input dtype
-    assert dropout(x).mean().item() == pytest.approx(1.0, abs=3e-3)  # unbiased, as nn.Dropout
-    assert dropout.p == pytest.approx(0.1, abs=1 / 65536)
-    assert not InputDropout(0.0).train().active
-    assert InputDropout(1e-9).p > 0  # a tiny p is rounded up, never silently to none
-    torch.manual_seed(3)
-    first = dropout.mask(x)
-    torch.manual_seed(3)
-    assert torch.equal(first, dropout.mask(x))  # seeded like every torch RNG use (exact resume)
-
-
-def test_dropout_keeps_a_one_byte_mask_for_backward():
-    """What autograd keeps of an adapted layer with dropout: the input and its masked copy in x's
-    dtype (both needed for gradients) and the mask as bool, not a third full-size float tensor."""
-    layer = LoraLinear(torch.nn.Linear(32, 16, bias=False), r=4, lora_alpha=8, lora_dropout=0.2).train()
-    x = torch.randn(6, 32, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x).sum().backward()
-    full_size = [t for t in saved if t.shape == x.shape]
-    assert sorted(str(t.dtype) for t in full_size) == ["torch.bool", "torch.float32", "torch.float32"]
-    mask = next(t for t in full_size if t.dtype == torch.bool)
-    masked = next(t for t in full_size if t.dtype == torch.float32 and t is not x)
-    assert torch.equal(masked, torch.where(mask, x.detach(), 0.0))  # the copy A's gradient reads
 
 
 def test_grouped_path_matches_real_peft(tiny_llama):

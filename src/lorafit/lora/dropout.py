@@ -1,22 +1,30 @@
-"""Dropout on the adapter's input, with a mask that costs a fraction of `nn.Dropout`'s.
+"""Dropout on the adapter's input, drawn as the positions of the dropped elements.
 
-`nn.Dropout` draws one random number per element (`bernoulli_`); on a CPU that was 14-16% of a
-LoRA training step, across the ~200 adapted layers of a small model. Here one 64-bit random
-integer gives four 16-bit ones, and an element is kept when its 16-bit number is at or above a
-threshold: the drop probability is `p` rounded to a multiple of 1/65536 (0.05 -> 0.0500031), and
-the kept elements are scaled by `1 / (1 - that p)`, so the expectation is exactly `x` as with
-`nn.Dropout`.
+`nn.Dropout` draws one random number per element (`bernoulli_`) and multiplies by a full-size
+mask; on a CPU that was 14-16% of a LoRA training step across the ~200 adapted layers of a small
+model. At the usual p (0.05-0.1) nearly every element is kept, so this module draws only where the
+dropped ones are: the gaps between consecutive dropped elements of an i.i.d. Bernoulli(p) sequence
+are geometric, `P(gap = g) = (1 - p)^(g - 1) p`, and one uniform number gives one gap by inversion,
 
-Where the random integers come from: on a GPU, torch's generator (Philox, in parallel). On a CPU
-torch's generator is a single-threaded Mersenne Twister; numpy's PCG64-DXSM makes the same number
-of bits in less than half the time, so a CPU mask draws one 62-bit seed from torch's default
-generator and lets PCG64-DXSM expand it. Either way every bit descends from torch's generator, so
-seeding, the Trainer's checkpointed RNG state (exact resume) and gradient checkpointing's replay of
-the forward pass see the same masks, as with any torch random op. The mask is a bool tensor and is
-applied with `where(mask, x, 0)`, forward and (autograd's `where` backward) backward: one byte per
-element kept for the backward pass instead of four, at the speed of the same-dtype multiply by a
-float mask it replaced (multiplying by the bool mask itself would go through a type-promoting loop
-that costs twice as much), and no pass copying the comparison's result into a float tensor.
+    gap = floor(log(u) / log(1 - p)) + 1,    positions = cumsum(gaps) - 1,
+
+so a mask over n elements costs about `n p` random numbers instead of n. The uniforms are 32-bit
+(`u = (k + 1/2) / 2^32`), so each gap's probabilities are those of the exact geometric law to
+within 2^-32, and p is used as given (not rounded). The kept elements are scaled by `1 / (1 - p)`,
+so the expectation is exactly `x` as with `nn.Dropout`.
+
+Where the random bits come from: on a GPU, torch's generator (Philox, in parallel). On a CPU
+torch's generator is a single-threaded Mersenne Twister; numpy's PCG64-DXSM is faster, so a CPU
+mask draws one 63-bit seed from torch's default generator and lets PCG64-DXSM expand it. Either way
+every bit descends from torch's generator, so seeding, the Trainer's checkpointed RNG state (exact
+resume) and gradient checkpointing's replay of the forward pass see the same masks, as with any
+torch random op. Under torch.compile, which traces neither numpy's generator nor a mask whose size
+depends on the draw, the mask is `rand_like(x) >= p`: the same law, other numbers.
+
+Positions (sorted int64 indices into x's elements in row-major order) are also what autograd keeps
+for the backward pass: 8 bytes per dropped element, 0.4 bytes per element at p = 0.05, where a bool
+mask takes 1. `masked(x)` zeroes them in a copy of x (the plain path); the fused node
+(`lora/fused.py`) zeroes them in x itself around its one thin matmul and puts them back.
 
 The scale is not applied here: the LoRA layer folds it into the scalar its second matmul applies
 anyway (`addmm`'s alpha) instead of paying an extra pass over the (large) input:
@@ -25,41 +33,45 @@ anyway (`addmm`'s alpha) instead of paying an extra pass over the (large) input:
 
 from __future__ import annotations
 
+import math
+import threading
+
 import numpy as np
 import torch
 from torch import nn
 
-LEVELS = 1 << 16  # 16-bit random numbers
-_INT16_MIN = -(1 << 15)
+_UNIFORM_BITS = 32
+_EXTRA_DRAWS_SIGMAS = 8  # draw enough gaps to cover n elements but in ~1e-15 of calls
 
 
 class InputDropout(nn.Module):
-    """`mask(x)` keeps each element with probability `1 - p`; `keep_scale` is `1 / (1 - p)`."""
+    """`dropped_positions(x)` are the elements to zero, each with probability p; `keep_scale` is `1 / (1 - p)`."""
 
     def __init__(self, p: float):
         super().__init__()
-        dropped_levels = round(p * LEVELS)
-        if p > 0 and dropped_levels == 0:
-            dropped_levels = 1  # a tiny p stays a (tiny) dropout rather than silently none
-        self.p = dropped_levels / LEVELS
-        self.threshold = _INT16_MIN + dropped_levels
-        self.keep_scale = LEVELS / (LEVELS - dropped_levels)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    @property
+    def keep_scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
 
     @property
     def active(self) -> bool:
         return self.training and self.p > 0
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """True where an element is kept, False where it is dropped, in x's shape."""
-        return torch.ge(random_int16(x.numel(), x.device).view(x.shape), self.threshold)
-
-    def dropped(self, x: torch.Tensor) -> torch.Tensor:
-        """`~mask(x)`, from the same random numbers: True where an element is dropped."""
-        return torch.lt(random_int16(x.numel(), x.device).view(x.shape), self.threshold)
+    def dropped_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Sorted flat indices (int64, on x's device) of the elements of x to drop, x read in row-major order."""
+        return drop_positions(x.numel(), self.p, x.device)
 
     def masked(self, x: torch.Tensor) -> torch.Tensor:
-        """x where kept, 0 where dropped, unscaled (the caller applies `keep_scale`); x itself when inactive."""
-        return torch.where(self.mask(x), x, 0.0) if self.active else x
+        """x with the dropped elements zeroed, unscaled (the caller applies `keep_scale`); x itself when inactive."""
+        if not self.active:
+            return x
+        if torch.compiler.is_compiling():
+            return torch.where(torch.rand_like(x, dtype=torch.float32) >= self.p, x, 0.0)
+        return x.flatten().index_fill(0, self.dropped_positions(x), 0.0).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The usual, scaled dropout (for callers that do not fold the scale elsewhere)."""
@@ -69,14 +81,60 @@ class InputDropout(nn.Module):
         return f"p={self.p:g}"
 
 
-def random_int16(numel: int, device: torch.device) -> torch.Tensor:
-    """`numel` uniform 16-bit integers, every bit descended from torch's default generator."""
-    if torch.compiler.is_compiling():  # torch.compile traces neither numpy's generator nor a dtype view
-        return torch.randint(_INT16_MIN, -_INT16_MIN, (numel,), dtype=torch.int16, device=device)
+def drop_positions(numel: int, p: float, device: torch.device) -> torch.Tensor:
+    """Where an i.i.d. Bernoulli(p) sequence of `numel` trials succeeds: sorted int64 indices."""
+    if p <= 0.0 or numel == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    parts, last = [], -1  # `last`: the position of the last drop found so far
+    while True:
+        remaining = numel - last - 1
+        count = int(remaining * p + _EXTRA_DRAWS_SIGMAS * math.sqrt(remaining * p * (1 - p)) + 16)
+        positions = torch.cumsum(geometric_gaps(count, p, device), 0).add_(last)
+        inside = int(torch.searchsorted(positions, numel))
+        parts.append(positions[:inside])
+        if inside < count:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        last = int(positions[-1])
+
+
+def geometric_gaps(count: int, p: float, device: torch.device) -> torch.Tensor:
+    """`count` draws of the gap between Bernoulli(p) successes (1, 2, ...), as int64 on `device`."""
+    # gap = floor(log(u) / log(1 - p)) + 1 with u = (k + 1/2) / 2^32 for a uniform 32-bit k:
+    # log(u) = log(k + 1/2) - 32 log 2, folded into one multiply-add
+    per_log = 1.0 / math.log1p(-p)  # negative
+    offset = 1.0 - _UNIFORM_BITS * math.log(2.0) * per_log
     if device.type == "cpu":
-        seed = int(torch.randint(0, 1 << 62, (1,)).item())
-        words = np.random.PCG64DXSM(seed).random_raw((numel + 3) // 4)
-        return torch.from_numpy(words.view(np.int16)[:numel])
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+        k = _cpu_uint32(count)
+        gaps = np.log(k + 0.5)  # float64
+        gaps *= per_log
+        gaps += offset
+        return torch.from_numpy(gaps.astype(np.int64))  # >= 1, so truncation is floor
+    return _torch_gaps(count, p, device)
+
+
+def _torch_gaps(count: int, p: float, device: torch.device) -> torch.Tensor:
+    """`geometric_gaps` with torch's generator and operators (accelerators; tested on the CPU)."""
+    per_log = 1.0 / math.log1p(-p)
+    offset = 1.0 - _UNIFORM_BITS * math.log(2.0) * per_log
+    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device)
     # random_(from, to) draws from [from, to): every bit pattern but one (1 in 2^64), uniform.
-    return words.random_(-(1 << 63), (1 << 63) - 1).view(torch.int16)[:numel]
+    k = words.random_(-(1 << 63), (1 << 63) - 1).view(torch.int32)[:count].double().add_(2.0 ** 31 + 0.5)
+    return torch.log(k).mul_(per_log).add_(offset).long()
+
+
+_cpu_generator = threading.local()
+
+
+def _cpu_uint32(count: int) -> np.ndarray:
+    """`count` uniform 32-bit integers (numpy uint32) whose seed is drawn from torch's default generator."""
+    bits = getattr(_cpu_generator, "bits", None)
+    if bits is None:
+        bits = _cpu_generator.bits = np.random.PCG64DXSM()
+        _cpu_generator.state = bits.state
+    high, low = torch.randint(0, (1 << 63) - 1, (2,)).tolist()
+    state = _cpu_generator.state
+    # a full-width 128-bit state (PCG64-DXSM's first output from a state with its high half zero is
+    # zero); setting it costs ~1 us where building a seeded generator costs ~8 us
+    state["state"]["state"] = (high << 64) | low
+    bits.state = state
+    return bits.random_raw((count + 1) // 2).view(np.uint32)[:count]

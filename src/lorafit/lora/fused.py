@@ -21,16 +21,27 @@ place, with no add or `where` pass of its own. It is the same function as the pl
 `LoraLinear.forward`; tests/lora/test_fused.py checks outputs and gradients against it, with
 dropout on, given the same random state).
 
+`x * keep` is never built: dropout comes as the positions of the dropped elements (~5% of them at
+p = 0.05, `lora/dropout.py`), and the two thin matmuls that read the masked input run on x itself
+with those elements set to zero for the call and put back right after (`_dropped_zeroed`). That
+saves a full-size copy of the input per layer (allocated, written, kept for the backward pass and
+read again) for three passes over the dropped elements only. The writes go through `x.data`, which
+autograd does not version: x holds its own values again before anything else runs (the forward and
+backward of one node are not interleaved with other work on its input), so other nodes that saved x
+see it unchanged.
+
 Used only where it is exactly that function: training with gradients on, the base a plain
 `nn.Linear` with frozen weights and no hooks of its own (a quantized base, DeepSpeed ZeRO-3's
 parameter gathering and accelerate's device hooks work through the module's forward, so they keep
-the plain path), no DoRA, not merged, the input in the base weight's dtype (and in autocast's, under autocast: a bf16
-base under `--bf16`). Anything
-else takes the plain path; `use_fused(model, False)` turns it off for a whole model.
+the plain path), no DoRA, not merged, the input in the base weight's dtype (and in autocast's,
+under autocast: a bf16 base under `--bf16`), not under torch.compile (which fuses the plain path's
+operators itself). Anything else takes the plain path; `use_fused(model, False)` turns it off for
+a whole model.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +61,8 @@ class FusedPlan:
 class FusedLora(torch.autograd.Function):
     """`(plan, dropped, x, A_1..A_n, B_1..B_n) -> (y_1..y_n)`; A and B already in x's dtype.
 
-    `dropped` is dropout's bool mask over x as `[tokens x in]`, True where x is zeroed (None: no dropout).
+    `dropped` are dropout's positions in x as a contiguous `[tokens x in]` (flat int64 indices of the
+    elements to zero; None: no dropout).
     """
 
     @staticmethod
@@ -58,9 +70,11 @@ class FusedLora(torch.autograd.Function):
         n = len(plan.weights)
         a_list, b_list = lora[:n], lora[n:]
         flat = x.reshape(-1, x.shape[-1])
-        kept = flat if dropped is None else flat.masked_fill(dropped, 0.0)
+        if dropped is not None and not flat.is_contiguous():
+            flat = flat.contiguous()  # a buffer of our own, in the layout the positions index
         a = torch.cat(a_list) if n > 1 else a_list[0]
-        h = torch.mm(kept, a.t())
+        with _dropped_zeroed(flat, dropped):
+            h = torch.mm(flat, a.t())
         outputs, start = [], 0
         for weight, bias, scale, rank, b in zip(plan.weights, plan.biases, plan.scales, plan.ranks, b_list):
             # written through a flat view into a tensor of the output's shape: an output that is
@@ -77,15 +91,15 @@ class FusedLora(torch.autograd.Function):
         ctx.plan, ctx.x_shape = plan, x.shape
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, its B's too (as plain autograd)
         # activations through save_for_backward (so saved-tensor hooks, e.g. CPU offloading, see
-        # them): the masked input, the one-byte mask, h; x itself is not needed
-        ctx.save_for_backward(kept, dropped, h, a, *b_list)
+        # them): the input (as [tokens x in]), the dropped positions, h
+        ctx.save_for_backward(flat, dropped, h, a, *b_list)
         return tuple(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor | None):
         plan = ctx.plan
-        kept, dropped, h, a, *b_list = ctx.saved_tensors
+        flat, dropped, h, a, *b_list = ctx.saved_tensors
         n, tokens = len(plan.weights), h.shape[0]
         flat_grads = [None if g is None else g.reshape(tokens, g.shape[-1]) for g in grads]
         grad_h_parts, grad_b = [], []
@@ -105,7 +119,7 @@ class FusedLora(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_x = torch.mm(grad_h, a)
             if dropped is not None:
-                grad_x.masked_fill_(dropped, 0.0)
+                grad_x.view(-1).index_fill_(0, dropped, 0.0)
             for g, weight in zip(flat_grads, plan.weights):
                 if g is not None:
                     grad_x.addmm_(g, weight)
@@ -113,17 +127,34 @@ class FusedLora(torch.autograd.Function):
         grad_a = [None] * n
         needs = ctx.needs_input_grad[3:]  # A_1..A_n, B_1..B_n
         if any(needs[:n]):
-            grad_a = list(torch.mm(grad_h.t(), kept).split(list(plan.ranks)))
+            with _dropped_zeroed(flat, dropped):
+                grad_a = list(torch.mm(grad_h.t(), flat).split(list(plan.ranks)))
         grad_a = [g if need else None for g, need in zip(grad_a, needs[:n])]
         grad_b = [g if need else None for g, need in zip(grad_b, needs[n:])]
         return (None, None, grad_x, *grad_a, *grad_b)
+
+
+@contextmanager
+def _dropped_zeroed(flat: torch.Tensor, dropped: torch.Tensor | None):
+    """`flat` (contiguous) reads as `x * keep` inside the block and as x again after it."""
+    if dropped is None:
+        yield
+        return
+    values = flat.data.view(-1)  # .data: the writes below are not versioned (see the module doc)
+    kept_aside = values[dropped]
+    values.index_fill_(0, dropped, 0.0)
+    try:
+        yield
+    finally:
+        values.index_copy_(0, dropped, kept_aside)
 
 
 def fusable(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether `layer` (a LoraLinear) may run through `FusedLora` for input `x` now."""
     base = layer.base_layer
     return (
-        layer.fused and torch.is_grad_enabled() and not layer.merged and layer.lora_magnitude_vector is None
+        layer.fused and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        and not layer.merged and layer.lora_magnitude_vector is None
         and type(base) is nn.Linear and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
         and not (base._forward_hooks or base._forward_pre_hooks)
@@ -136,9 +167,7 @@ def fusable(layer: nn.Module, x: torch.Tensor) -> bool:
 def fused_outputs(members: list[nn.Module], x: torch.Tensor, dropout: nn.Module) -> tuple[torch.Tensor, ...]:
     """Every member's output for input x, through one `FusedLora` node (members all `fusable`), with
     `dropout` (the calling member's: members of a group share p) drawing the one mask."""
-    dropped = None
-    if dropout.active:
-        dropped = dropout.dropped(x).view(-1, x.shape[-1])
+    dropped = dropout.dropped_positions(x) if dropout.active else None
     keep_scale = dropout.keep_scale if dropout.active else 1.0
     plan = FusedPlan(
         weights=tuple(m.base_layer.weight for m in members),
