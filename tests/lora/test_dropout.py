@@ -111,3 +111,15 @@ def test_the_plain_path_keeps_the_masked_copy_and_positions_not_a_full_size_mask
     assert torch.equal(positions, layer.lora_dropout.dropped_positions(x))
     expected = x.detach().flatten().index_fill(0, positions, 0.0).view(x.shape)
     assert torch.equal(full_size[0], expected)
+
+
+def test_the_same_seed_gives_the_same_mask_in_another_process():
+    """A run resumed in a new process (after a crash) must draw the masks the uninterrupted run drew."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from lorafit.lora.dropout import drop_positions; torch.manual_seed(11); "
+            "print(drop_positions(100_000, 0.1, torch.device('cpu')).sum().item())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    torch.manual_seed(11)
+    assert int(other) == drop_positions(100_000, 0.1, CPU).sum().item()

@@ -129,7 +129,9 @@ def _cpu_uint32(count: int) -> np.ndarray:
     """`count` uniform 32-bit integers (numpy uint32) whose seed is drawn from torch's default generator."""
     bits = getattr(_cpu_generator, "bits", None)
     if bits is None:
-        bits = _cpu_generator.bits = np.random.PCG64DXSM()
+        # seeded, so that its stream constant (`inc`) is the same in every process; the state
+        # itself is set from torch's generator below, before each draw
+        bits = _cpu_generator.bits = np.random.PCG64DXSM(0)
         _cpu_generator.state = bits.state
     high, low = torch.randint(0, (1 << 63) - 1, (2,)).tolist()
     state = _cpu_generator.state
