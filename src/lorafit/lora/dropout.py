@@ -99,27 +99,31 @@ def drop_positions(numel: int, p: float, device: torch.device) -> torch.Tensor:
 
 def geometric_gaps(count: int, p: float, device: torch.device) -> torch.Tensor:
     """`count` draws of the gap between Bernoulli(p) successes (1, 2, ...), as int64 on `device`."""
-    # gap = floor(log(u) / log(1 - p)) + 1 with u = (k + 1/2) / 2^32 for a uniform 32-bit k:
-    # log(u) = log(k + 1/2) - 32 log 2, folded into one multiply-add
-    per_log = 1.0 / math.log1p(-p)  # negative
-    offset = 1.0 - _UNIFORM_BITS * math.log(2.0) * per_log
-    if device.type == "cpu":
-        k = _cpu_uint32(count)
-        gaps = np.log(k + 0.5)  # float64
-        gaps *= per_log
+    if device.type in ("cpu", "mps"):  # mps: no float64 there, so the CPU draws (and its generator)
+        scale, offset = _gap_formula(p)
+        gaps = np.log(_cpu_uint32(count) + 0.5)  # float64
+        gaps *= scale
         gaps += offset
-        return torch.from_numpy(gaps.astype(np.int64))  # >= 1, so truncation is floor
+        return torch.from_numpy(gaps.astype(np.int64)).to(device)  # >= 1, so truncation is floor
     return _torch_gaps(count, p, device)
 
 
 def _torch_gaps(count: int, p: float, device: torch.device) -> torch.Tensor:
     """`geometric_gaps` with torch's generator and operators (accelerators; tested on the CPU)."""
-    per_log = 1.0 / math.log1p(-p)
-    offset = 1.0 - _UNIFORM_BITS * math.log(2.0) * per_log
+    scale, offset = _gap_formula(p)
     words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device)
     # random_(from, to) draws from [from, to): every bit pattern but one (1 in 2^64), uniform.
     k = words.random_(-(1 << 63), (1 << 63) - 1).view(torch.int32)[:count].double().add_(2.0 ** 31 + 0.5)
-    return torch.log(k).mul_(per_log).add_(offset).long()
+    return torch.log(k).mul_(scale).add_(offset).long()
+
+
+def _gap_formula(p: float) -> tuple[float, float]:
+    """(scale, offset) with `gap = floor(scale * log(k + 1/2) + offset)` for a uniform 32-bit integer k.
+
+    The inversion `gap = floor(log(u) / log(1 - p)) + 1` with `u = (k + 1/2) / 2^32`, whose
+    `log(u) = log(k + 1/2) - 32 log 2` folds into one multiply-add."""
+    scale = 1.0 / math.log1p(-p)  # negative
+    return scale, 1.0 - _UNIFORM_BITS * math.log(2.0) * scale
 
 
 _cpu_generator = threading.local()
