@@ -15,7 +15,7 @@ so the expectation is exactly `x` as with `nn.Dropout`.
 
 Where the random bits come from: on a GPU, torch's generator (Philox, in parallel). On a CPU
 torch's generator is a single-threaded Mersenne Twister; numpy's PCG64-DXSM is faster, so a CPU
-mask draws one 63-bit seed from torch's default generator and lets PCG64-DXSM expand it. Either way
+mask draws PCG64-DXSM's 128-bit state from torch's default generator and lets it expand that. Either way
 every bit descends from torch's generator, so seeding, the Trainer's checkpointed RNG state (exact
 resume) and gradient checkpointing's replay of the forward pass see the same masks, as with any
 torch random op. Under torch.compile, which traces neither numpy's generator nor a mask whose size
@@ -24,7 +24,7 @@ depends on the draw, the mask is `rand_like(x) >= p`: the same law, other number
 Positions (sorted int64 indices into x's elements in row-major order) are also what autograd keeps
 for the backward pass: 8 bytes per dropped element, 0.4 bytes per element at p = 0.05, where a bool
 mask takes 1. `masked(x)` zeroes them in a copy of x (the plain path); the fused node
-(`lora/fused.py`) zeroes them in x itself around its one thin matmul and puts them back.
+(`lora/fused.py`) zeroes them in x itself around the two thin matmuls that read it and puts them back.
 
 The scale is not applied here: the LoRA layer folds it into the scalar its second matmul applies
 anyway (`addmm`'s alpha) instead of paying an extra pass over the (large) input:
