@@ -106,10 +106,11 @@ def replay_targets_seconds(env: dict) -> float:
     return seconds_printed_by(code, env)
 
 
-def persona_files(work: Path, name: str, author: str, template: Path | None = None) -> tuple[Path, Path]:
+def persona_files(work: Path, name: str, author: str, template: Path | None = None,
+                  general: Path = GENERAL_QUESTIONS) -> tuple[Path, Path]:
     """The persona training set (lorafit's, or TEMPLATE: any training file with {name} and {author}
-    in it) and its held-out questions (the demo's 58 and this folder's 90 more general questions),
-    with the name and maker filled in."""
+    in it) and its held-out questions (the demo's 58 and GENERAL's more general questions, by default
+    this folder's 90), with the name and maker filled in."""
     if template is None:
         train_file = write_jsonl(fill_resource("persona.jsonl", name, author), work / "persona.jsonl")
     else:
@@ -118,16 +119,17 @@ def persona_files(work: Path, name: str, author: str, template: Path | None = No
         train_file = work / f"persona{template.suffix}"
         work.mkdir(parents=True, exist_ok=True)
         train_file.write_text(text, encoding="utf-8")
-    prompts = write_jsonl(fill_resource("persona_eval.jsonl", name, author) + more_general(name, author),
+    prompts = write_jsonl(fill_resource("persona_eval.jsonl", name, author) + more_general(name, author, general),
                           work / "persona_eval.jsonl")
     return train_file, prompts
 
 
-def more_general(name: str, author: str) -> list[dict]:
-    """bench/general_questions.jsonl: 90 short general questions, none of them in the replay prompts or
-    the demo's held-out set, with the persona's name (its first word: `lorafit.demo.name_word`) and
-    maker as the strings no answer may hold."""
-    rows = [json.loads(line) for line in GENERAL_QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
+def more_general(name: str, author: str, path: Path = GENERAL_QUESTIONS) -> list[dict]:
+    """PATH's general questions (bench/general_questions.jsonl: 90 short ones, none of them in the
+    replay prompts or the demo's held-out set; or a set of your own, each line
+    `{"prompt": ..., "group": "general", "checks": {"correct": {...}}}`), with the persona's name (its
+    first word: `lorafit.demo.name_word`) and maker as the strings no answer may hold."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for row in rows:
         row["checks"]["no persona"] = {"expect_none": [name_word(name), author]}
     return rows
@@ -181,6 +183,10 @@ def main() -> int:
     parser.add_argument("--persona_file", type=Path, default=None,
                         help="a persona training file with {name} and {author} in place of lorafit's set, e.g. "
                              "bench/persona_long_answers.json (Alpaca JSON, longer answers)")
+    parser.add_argument("--general_questions", type=Path, default=GENERAL_QUESTIONS,
+                        help="general questions asked besides the demo's 48 (default: bench/general_questions.jsonl)")
+    parser.add_argument("--skip_replay_timing", action="store_true",
+                        help="do not time making the replay answers and targets at run time (a few minutes)")
     args = parser.parse_args()
     labels = [label for label in args.runs.split(",") if label]
     unknown = [label for label in labels if label not in RUNS]
@@ -189,7 +195,7 @@ def main() -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-persona-"))
     work.mkdir(parents=True, exist_ok=True)
-    train_file, prompts = persona_files(work, args.name, args.author, args.persona_file)
+    train_file, prompts = persona_files(work, args.name, args.author, args.persona_file, args.general_questions)
     # A fresh lorafit home (sharing the converted model): no replay answers cached by earlier runs.
     home = work / "home"
     home.mkdir(exist_ok=True)
@@ -220,7 +226,7 @@ def main() -> int:
         n = f["identity"]
         print(f"| {label} | {seconds[label]:.0f}{ratio} | {loss} | {f['name']}/{n} | {f['maker']}/{n} | "
               f"{f['distinct']}/{n} | {kept} | {f['leaks_base_right']}/{f['base_right']} | {f['leaks']}/{f['general']} |")
-    if "recipe" in labels:
+    if "recipe" in labels and not args.skip_replay_timing:
         print(f"\nreplay answers and their targets made at run time instead of shipped (a base model other "
               f"than the embedded one): {replay_generation_seconds(env):.0f} s + {replay_targets_seconds(env):.0f} s "
               f"more for the recipe's first run (cached for later runs)")

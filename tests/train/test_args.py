@@ -72,6 +72,8 @@ def test_misspelled_yaml_key_names_the_file_and_suggests(tmp_path):
     (["--adapter_scale", "0.7", "--use_dora"], "cannot be combined with --use_dora"),
     (["--adapter_scale", "0.7", "--init_lora_weights", "pissa"], "--init_lora_weights pissa"),
     (["--adapter_scale", "0.7", "--lora_impl", "peft"], "--lora_impl peft"),
+    (["--replay_prompts", "builtin", "--replay_rotation", "true", "--replay_ratio", "0"], "--replay_ratio must be positive"),
+    (["--replay_prompts", "builtin", "--replay_ratio", "1.2"], "it needs --replay_rotation true"),
 ])
 def test_bad_values_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):

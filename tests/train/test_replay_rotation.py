@@ -39,6 +39,24 @@ def test_with_a_pool_that_divides_the_slices_are_disjoint():
     assert [len(s) for s in slices] == [4, 4, 4] and set().union(*slices) == set(range(7, 19))
 
 
+@pytest.mark.parametrize("ratio,per_epoch", [(0.5, 4), (1.0, 7), (1.2, 9), (1 / 7, 1), (0.01, 1), (3.0, 10)])
+def test_a_ratio_sizes_each_epochs_replay_by_the_task_rows(ratio, per_epoch):
+    sampler = ReplayRotationSampler(TASK, REPLAY, epochs=3, seed=0, ratio=ratio)  # 7 task rows, 10 replay rows
+    assert sampler.per_epoch == per_epoch  # ceil(ratio * 7), at least 1, at most the whole pool
+    for epoch in range(4):
+        rows = epoch_rows(sampler, epoch)
+        assert sorted(r for r in rows if r in TASK) == TASK
+        assert len([r for r in rows if r in REPLAY]) == len(set(r for r in rows if r in REPLAY)) == per_epoch
+
+
+def test_with_a_ratio_the_slices_follow_each_other_around_the_pool():
+    sampler = ReplayRotationSampler(TASK, REPLAY, epochs=3, seed=4, ratio=3 / 7)  # 3 replay rows an epoch
+    slices = [sampler.replay_slice(epoch) for epoch in range(4)]
+    assert not set(slices[0]) & set(slices[1]) and not set(slices[1]) & set(slices[2])
+    assert len(set().union(*map(set, slices))) == 10  # 12 places: the fourth slice wraps to the pool's start
+    assert slices[3][1:] == slices[0][:2]
+
+
 def test_the_order_is_a_function_of_seed_and_epoch():
     first, again = ReplayRotationSampler(TASK, REPLAY, 3, seed=1), ReplayRotationSampler(TASK, REPLAY, 3, seed=1)
     assert epoch_rows(first, 2) == epoch_rows(again, 2)  # a resumed process draws what the first one drew
@@ -97,3 +115,14 @@ def test_rotation_with_what_it_cannot_combine_with_is_one_error(quick_args, fini
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_runs_replay_ratio_reaches_the_sampler(caplog):
+    from lorafit.train.replay_rotation import rotation_sampler
+
+    training = SimpleNamespace(num_train_epochs=3, data_seed=None, seed=0, replay_ratio=1.2)
+    config = SimpleNamespace(training=training, data=SimpleNamespace(train_file=["task.json", "/x/replay.jsonl"]))
+    sources = [f"task.json:{i}" for i in range(5)] + [f"/x/replay.jsonl:{i}" for i in range(20)]
+    caplog.set_level("INFO", logger="lorafit.train")
+    sampler = rotation_sampler(config, {"source": sources})
+    assert sampler.per_epoch == 6 and "the 5 task rows and 6 of the 20 replay rows" in caplog.text

@@ -378,6 +378,12 @@ class LorafitTrainingArguments(TrainingArguments):
         metadata={"help": "each epoch trains on all the task rows and the next 1/num_train_epochs of the replay "
                           "answers: every replay answer once over the run, at that fraction of the per-epoch cost"},
     )
+    replay_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "with --replay_rotation: replay rows per task row in each epoch (the slices rotate "
+                          "through the pool, wrapping around), so the replay's share of the training time is the "
+                          "same for a small task set as for a large one; default: 1/num_train_epochs of the pool"},
+    )
     frozen_prefix_cache_gb: float = field(
         default=2.0,
         metadata={"help": "when only the top blocks train (--layers_to_transform), keep each example's hidden "
@@ -410,11 +416,17 @@ class LorafitTrainingArguments(TrainingArguments):
             raise ArgumentsError(f"--replay_token_penalty must be 0 (off) or more, got {self.replay_token_penalty}")
         if self.replay_weight <= 0:
             raise ArgumentsError(f"--replay_weight must be positive, got {self.replay_weight}")
+        if self.replay_ratio is not None and not self.replay_ratio > 0:
+            raise ArgumentsError(f"--replay_ratio must be positive, got {self.replay_ratio}")
+        if self.replay_ratio is not None and self.replay_prompts and not self.replay_rotation:
+            raise ArgumentsError("--replay_ratio sets how many replay rows each epoch of --replay_rotation takes: "
+                                 "it needs --replay_rotation true")
         if (self.replay_distill_top_k or self.replay_weight != 1.0 or self.replay_rotation
-                or self.replay_token_penalty) and not self.replay_prompts:
+                or self.replay_token_penalty or self.replay_ratio is not None) and not self.replay_prompts:
             # a recipe's replay turned off from the command line (--replay_prompts ''): its settings go with it
             logging.getLogger(__name__).warning("no --replay_prompts: --replay_distill_top_k, --replay_weight, "
-                                                "--replay_token_penalty and --replay_rotation have nothing to act on")
+                                                "--replay_token_penalty, --replay_rotation and --replay_ratio have "
+                                                "nothing to act on")
         elif self.replay_weight != 1.0 and not self.replay_distill_top_k:
             raise ArgumentsError("--replay_weight weighs the replay's soft targets: it needs --replay_distill_top_k K")
         elif self.replay_token_penalty and not self.replay_distill_top_k:
