@@ -23,6 +23,9 @@ still right ("kept"), and general answers naming the persona ("leaks").
     python bench/bench_persona.py --name Wren --author "Blue Finch Labs" --runs recipe
     python bench/bench_persona.py --name Pico --author "Lanternfish AI" --runs plain-5e-4,recipe \
         --persona_file bench/persona_long_answers.json   # a persona set written another way
+    python bench/bench_persona.py --name Tessa --author "Lumora Systems" --runs plain-5e-4,recipe \
+        --persona_file bench/persona_messages.jsonl --general_questions bench/general_heldout.jsonl \
+        --skip_replay_timing                             # OpenAI messages, 59 records; 42 other general questions
 """
 
 from __future__ import annotations

@@ -380,9 +380,9 @@ class LorafitTrainingArguments(TrainingArguments):
     )
     replay_ratio: Optional[float] = field(
         default=None,
-        metadata={"help": "with --replay_rotation: replay rows per task row in each epoch (the slices rotate "
-                          "through the pool, wrapping around), so the replay's share of the training time is the "
-                          "same for a small task set as for a large one; default: 1/num_train_epochs of the pool"},
+        metadata={"help": "with --replay_rotation: at most this many replay rows per task row in each epoch "
+                          "(the slice stays 1/num_train_epochs of the pool where that is fewer), so a small task "
+                          "set's run is not mostly replay; default: no limit"},
     )
     frozen_prefix_cache_gb: float = field(
         default=2.0,

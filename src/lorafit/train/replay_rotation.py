@@ -9,10 +9,11 @@ e: over the run every replay answer is trained once, and an epoch costs what it 
 of the pool. On lorafit's persona sets this kept more of the general answers the base model got
 right at the same training time (docs/train.md, "Replay rotation").
 
-`--replay_ratio R` sizes the slices by the task instead: R replay rows per task row (at most the
-whole pool), the slices following each other around the pool. A fixed third of the pool is a
-large share of a small task set's run (60 persona rows beside 94 replay rows took 1.6x the time of
-the persona alone, 80 beside 94 took 1.45x); a ratio keeps that share the same whatever the size.
+`--replay_ratio R` makes the slices smaller for a small task set: R replay rows per task row in
+each epoch where that is fewer than 1/epochs of the pool (never more: no replay row comes twice in a
+run). A fixed third of the pool is a large share of a small task set's run (59 persona rows beside
+94 replay rows took 1.60x the time of the persona alone, 80 beside 94 took 1.45x); capped by the
+ratio, the replay's share stays at most what it is for a task set of pool / (R epochs) rows.
 
 The order is a pure function of (seed, epoch): the pool is put in one seeded order and cut into
 consecutive slices (wrapping around when the epochs outnumber the slices' worth of rows), and each
@@ -35,7 +36,7 @@ logger = logging.getLogger("lorafit.train")
 
 class ReplayRotationSampler(torch.utils.data.Sampler):
     """Indices into the training set: `task_rows` every epoch, `per_epoch` of `replay_rows` per epoch:
-    `ratio` per task row (at most all of them) or, without a ratio, 1/epochs of them."""
+    1/epochs of them, or `ratio` per task row where that is fewer."""
 
     def __init__(self, task_rows: list[int], replay_rows: list[int], epochs: float, seed: int,
                  ratio: float | None = None):
@@ -43,10 +44,9 @@ class ReplayRotationSampler(torch.utils.data.Sampler):
             raise ValueError("replay rotation needs replay rows")
         self.task_rows = list(task_rows)
         self.replay_rows = list(replay_rows)
-        if ratio is None:
-            self.per_epoch = math.ceil(len(self.replay_rows) / max(1, math.ceil(epochs)))
-        else:
-            self.per_epoch = max(1, min(len(self.replay_rows), math.ceil(ratio * len(self.task_rows) - 1e-9)))
+        self.per_epoch = math.ceil(len(self.replay_rows) / max(1, math.ceil(epochs)))
+        if ratio is not None:  # smaller slices for a small task set; never so large that a row comes twice
+            self.per_epoch = max(1, min(self.per_epoch, math.ceil(ratio * len(self.task_rows) - 1e-9)))
         self.seed = seed
         self.epoch = 0
 
