@@ -12,8 +12,8 @@ right at the same training time (docs/train.md, "Replay rotation").
 `--replay_ratio R` makes the slices smaller for a small task set: R replay rows per task row in
 each epoch where that is fewer than 1/epochs of the pool (never more: no replay row comes twice in a
 run). A fixed third of the pool is a large share of a small task set's run (59 persona rows beside
-94 replay rows took 1.60x the time of the persona alone, 80 beside 94 took 1.45x); capped by the
-ratio, the replay's share stays at most what it is for a task set of pool / (R epochs) rows.
+94 replay rows took 1.60x the time of the persona alone, 80 beside 94 took 1.45x); with the cap a
+smaller task set keeps the replay's share of its run.
 
 The order is a pure function of (seed, epoch): the pool is put in one seeded order and cut into
 consecutive slices (wrapping around when the epochs outnumber the slices' worth of rows), and each
@@ -46,6 +46,7 @@ class ReplayRotationSampler(torch.utils.data.Sampler):
         self.replay_rows = list(replay_rows)
         self.per_epoch = math.ceil(len(self.replay_rows) / max(1, math.ceil(epochs)))
         if ratio is not None:  # smaller slices for a small task set; never so large that a row comes twice
+            # (- 1e-9: 1.2 * 80 is 96.00000000000001 in floating point, and should give 96)
             self.per_epoch = max(1, min(self.per_epoch, math.ceil(ratio * len(self.task_rows) - 1e-9)))
         self.seed = seed
         self.epoch = 0
