@@ -97,7 +97,8 @@ def test_a_run_with_the_penalty_names_its_tokens_and_trains(quick_args, finished
     caplog.set_level("INFO", logger="lorafit.train.replay_token_penalty")
     args = ["--replay_prompts", str(finished_replay), "--replay_distill_top_k", "8", "--seed", "3"]
     assert train_main(quick_args(tmp_path / "held", *args, "--replay_token_penalty", "1")) == 0
-    assert "replay token penalty:" in caplog.text and "signature tokens of the task data held below" in caplog.text
+    assert "signature tokens of the task data:" in caplog.text
+    assert "replay token penalty: the" in caplog.text and "signature tokens held below the base model's top K" in caplog.text
     assert "' I'" in caplog.text  # the identity set's first person, never in the replay's answers
     lines = (tmp_path / "held" / "metrics.jsonl").read_text().splitlines()
     losses = [record["loss"] for record in map(json.loads, lines) if "loss" in record]

@@ -373,6 +373,12 @@ class LorafitTrainingArguments(TrainingArguments):
                           "below the base model's K-th token where its top K do not hold them, at this weight; "
                           "0: off"},
     )
+    signature_token_weight: float = field(
+        default=1.0,
+        metadata={"help": "with --replay_distill_top_k: at task positions, the task data's signature tokens (as for "
+                          "--replay_token_penalty: a persona's name and maker pieces) count this many times in the "
+                          "loss; 1: as every other token"},
+    )
     replay_rotation: bool = field(
         default=False,
         metadata={"help": "each epoch trains on all the task rows and the next 1/num_train_epochs of the replay "
@@ -416,22 +422,27 @@ class LorafitTrainingArguments(TrainingArguments):
             raise ArgumentsError(f"--replay_token_penalty must be 0 (off) or more, got {self.replay_token_penalty}")
         if self.replay_weight <= 0:
             raise ArgumentsError(f"--replay_weight must be positive, got {self.replay_weight}")
+        if not self.signature_token_weight > 0:
+            raise ArgumentsError(f"--signature_token_weight must be positive, got {self.signature_token_weight}")
         if self.replay_ratio is not None and not self.replay_ratio > 0:
             raise ArgumentsError(f"--replay_ratio must be positive, got {self.replay_ratio}")
         if self.replay_ratio is not None and self.replay_prompts and not self.replay_rotation:
             raise ArgumentsError("--replay_ratio sets how many replay rows each epoch of --replay_rotation takes: "
                                  "it needs --replay_rotation true")
-        if (self.replay_distill_top_k or self.replay_weight != 1.0 or self.replay_rotation
-                or self.replay_token_penalty or self.replay_ratio is not None) and not self.replay_prompts:
+        if (self.replay_distill_top_k or self.replay_weight != 1.0 or self.replay_rotation or self.replay_token_penalty
+                or self.signature_token_weight != 1.0 or self.replay_ratio is not None) and not self.replay_prompts:
             # a recipe's replay turned off from the command line (--replay_prompts ''): its settings go with it
             logging.getLogger(__name__).warning("no --replay_prompts: --replay_distill_top_k, --replay_weight, "
-                                                "--replay_token_penalty, --replay_rotation and --replay_ratio have "
-                                                "nothing to act on")
+                                                "--replay_token_penalty, --signature_token_weight, --replay_rotation "
+                                                "and --replay_ratio have nothing to act on")
         elif self.replay_weight != 1.0 and not self.replay_distill_top_k:
             raise ArgumentsError("--replay_weight weighs the replay's soft targets: it needs --replay_distill_top_k K")
         elif self.replay_token_penalty and not self.replay_distill_top_k:
             raise ArgumentsError("--replay_token_penalty acts where the base model's top K targets are known: it needs "
                                  "--replay_distill_top_k K")
+        elif self.signature_token_weight != 1.0 and not self.replay_distill_top_k:
+            raise ArgumentsError("--signature_token_weight finds the signature tokens against the replay and weighs "
+                                 "them through its soft targets: it needs --replay_distill_top_k K")
         if self.warmup_ratio is not None:
             if not 0.0 <= self.warmup_ratio < 1.0:
                 raise ArgumentsError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

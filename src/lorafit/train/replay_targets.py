@@ -7,7 +7,11 @@ the K), and the replay rows are trained toward that distribution, the cross-entr
 the task data keeps its labels. The gradient of the logits is `softmax - target`, the same shape
 as the hard label's `softmax - one_hot`, so the step costs what it cost before.
 `--replay_weight W` counts each replay position W times in the loss (its target weights sum to W):
-the anchor's strength against the task data's pull.
+the anchor's strength against the task data's pull. `--signature_token_weight W` goes the other way
+at the task rows: a position whose label is one of the task data's signature tokens (a persona's
+name and maker pieces, `lorafit.train.replay_token_penalty`) gets that label alone at weight W as
+its target, so it counts W times; the replay's token penalty never acts there (its floor, the
+smallest target's share, is 1).
 
 The targets are the model's own before training: computed once, after the adapters are added and
 before the first step (where the adapted model still equals the base model, for every LoRA
@@ -31,6 +35,7 @@ import logging
 import tempfile
 import time
 from importlib import resources
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -126,10 +131,12 @@ def cached_top_k_targets(model, model_path: str, examples: list[dict], top_k: in
     return read_targets(cached)  # float16, as a later run reads them
 
 
-def add_soft_targets(dataset, model, model_path: str, replay_path: str, top_k: int, replay_weight: float = 1.0):
+def add_soft_targets(dataset, model, model_path: str, replay_path: str, top_k: int, replay_weight: float = 1.0,
+                     emphasis: tuple[Iterable[int], float] | None = None):
     """`dataset` (with its "source" column) with the two target columns; rows from `replay_path`
     get the base model's top-k distributions (renormalized, times `replay_weight`), every other row
-    none (its labels stay the targets)."""
+    none (its labels stay the targets), or with `emphasis` (tokens, W) its label at weight W where
+    the label is one of the tokens (`emphasized_labels`)."""
     import datasets
 
     started = time.perf_counter()
@@ -144,15 +151,37 @@ def add_soft_targets(dataset, model, model_path: str, replay_path: str, top_k: i
     for row, (row_ids, row_probs) in zip(replay_rows, targets):
         ids[row] = row_ids
         probs[row] = [[p * replay_weight / sum(position) for p in position] for position in row_probs]
+    if emphasis is not None:
+        tokens, weight = frozenset(emphasis[0]), emphasis[1]
+        width = next(len(row_ids[0]) for row_ids, _ in targets if row_ids)
+        replay_set, emphasized = set(replay_rows), 0
+        for row, labels in enumerate(dataset["labels"]):
+            if row not in replay_set:
+                ids[row], probs[row] = emphasized_labels(labels, tokens, weight, width)
+                emphasized += sum(position[0] > 0 for position in probs[row])
+        logger.info("signature tokens weighted %g at %d task positions", weight, emphasized)
     mass = _mean_mass([targets_probs for _, targets_probs in targets])
     dataset = dataset.add_column(SOFT_TARGET_IDS, ids,
                                  feature=datasets.List(datasets.List(datasets.Value("int64"))))
     dataset = dataset.add_column(SOFT_TARGET_WEIGHTS, probs,
                                  feature=datasets.List(datasets.List(datasets.Value("float32"))))
     logger.info("replay distillation: the base model's top-%d tokens at %d positions of %d replay rows "
-                "(they hold %.0f%% of its probability on average), %.1fs", top_k, sum(len(r) for r in ids),
+                "(they hold %.0f%% of its probability on average), %.1fs", top_k, sum(len(row_ids) for row_ids, _ in targets),
                 len(replay_rows), 100 * mass, time.perf_counter() - started)
     return dataset
+
+
+def emphasized_labels(labels: list[int], tokens: frozenset[int], weight: float, width: int) -> tuple[list, list]:
+    """A task row's soft targets ([trained positions x width] ids and weights) that count each trained
+    position whose label is in `tokens` `weight` times: the label alone at that weight, and all zeros
+    (the label as it is, at 1) elsewhere; ([], []) when the row has none of the tokens."""
+    trained = [label for label in labels[1:] if label != IGNORE_INDEX]
+    if not tokens.intersection(trained):
+        return [], []
+    padding_ids, padding = [0] * (width - 1), [0.0] * (width - 1)
+    ids = [[label, *padding_ids] if label in tokens else [0] * width for label in trained]
+    weights = [[weight, *padding] if label in tokens else [0.0] * width for label in trained]
+    return ids, weights
 
 
 def _mean_mass(probs: list[list]) -> float:

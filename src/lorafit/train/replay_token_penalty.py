@@ -98,19 +98,26 @@ def penalty_chunk(exp_logits: torch.Tensor, sums: torch.Tensor, targets: torch.T
     return loss, active.sum(dim=-1, keepdim=True) * penalty.weight, active * penalty.weight
 
 
-def replay_token_penalty(dataset, replay_path: str, weight: float, tokenizer) -> TokenPenalty | None:
-    """The penalty over `dataset`'s signature tokens (task rows: every row not from `replay_path`),
-    logged with the tokens decoded; None when there are none."""
+def task_signature_tokens(dataset, replay_path: str, tokenizer) -> list[int]:
+    """`signature_tokens` of a prepared training set (task rows: every row not from `replay_path`),
+    logged decoded; a warning when there are none."""
     from lorafit.train.replay_rotation import split_rows
 
     task, replay = split_rows(dataset["source"], replay_path)
     labels = dataset["labels"]
     tokens = signature_tokens((labels[i] for i in task), (labels[i] for i in replay))
     if not tokens:
-        logger.warning("--replay_token_penalty: no token is in %d%% of the task answers and %d%% or fewer of the "
-                       "replay answers; nothing to hold down", 100 * TASK_SHARE, 100 * REPLAY_SHARE)
-        return None
+        logger.warning("no token is in %d%% of the task answers and %d%% or fewer of the replay answers: "
+                       "--replay_token_penalty and --signature_token_weight have nothing to act on",
+                       100 * TASK_SHARE, 100 * REPLAY_SHARE)
+        return tokens
     shown = ", ".join(repr(tokenizer.decode([token])) for token in tokens[:40])
-    logger.info("replay token penalty: %d signature tokens of the task data held below the base model's top K "
-                "at replay positions (weight %g): %s%s", len(tokens), weight, shown, ", ..." if len(tokens) > 40 else "")
+    logger.info("%d signature tokens of the task data: %s%s", len(tokens), shown, ", ..." if len(tokens) > 40 else "")
+    return tokens
+
+
+def token_penalty(tokens: list[int], weight: float) -> TokenPenalty:
+    """The penalty over `tokens` (`task_signature_tokens`) at `weight`, logged."""
+    logger.info("replay token penalty: the %d signature tokens held below the base model's top K at replay "
+                "positions (weight %g)", len(tokens), weight)
     return TokenPenalty(torch.tensor(tokens, dtype=torch.long), weight)

@@ -249,10 +249,11 @@ def distills_replay(config: TrainConfig) -> bool:
 
 def add_replay_targets(config: TrainConfig, model, model_path: str, prepared, tokenizer) -> None:
     """The base model's top-k distributions as the replay rows' targets (`lorafit.train.replay_targets`),
-    computed before the first step, while the adapted model still equals the base; and with
-    --replay_token_penalty, the task data's signature tokens held down at them
-    (`lorafit.train.replay_token_penalty`)."""
+    computed before the first step, while the adapted model still equals the base; and the task data's
+    signature tokens (`lorafit.train.replay_token_penalty`) held down at them with
+    --replay_token_penalty, and weighted at the task rows with --signature_token_weight."""
     from lorafit.train.replay_targets import add_soft_targets
+    from lorafit.train.replay_token_penalty import task_signature_tokens, token_penalty
     from lorafit.train.trained_token_loss import uses_trained_token_loss
 
     training = config.training
@@ -263,14 +264,15 @@ def add_replay_targets(config: TrainConfig, model, model_path: str, prepared, to
                         "(a model whose head it cannot compute, --trained_token_loss false, --lora_impl peft or "
                         "--use_liger_kernel); leave it at 0")
     replay_path = config.data.train_file[-1]  # add_replay_file put it last
+    tokens = []
+    if training.replay_token_penalty > 0 or training.signature_token_weight != 1.0:
+        tokens = task_signature_tokens(prepared.train, replay_path, tokenizer)
+    emphasis = (tokens, training.signature_token_weight) if tokens and training.signature_token_weight != 1.0 else None
     with training.main_process_first(desc="replay targets"):  # one process computes and caches them
         prepared.train = add_soft_targets(prepared.train, model, model_path, replay_path,
-                                          training.replay_distill_top_k, training.replay_weight)
-    if training.replay_token_penalty > 0:
-        from lorafit.train.replay_token_penalty import replay_token_penalty
-
-        model._lorafit_token_penalty = replay_token_penalty(prepared.train, replay_path,
-                                                            training.replay_token_penalty, tokenizer)
+                                          training.replay_distill_top_k, training.replay_weight, emphasis)
+    if tokens and training.replay_token_penalty > 0:
+        model._lorafit_token_penalty = token_penalty(tokens, training.replay_token_penalty)
 
 
 def rotates_replay(config: TrainConfig) -> bool:
