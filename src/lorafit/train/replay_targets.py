@@ -34,8 +34,8 @@ import json
 import logging
 import tempfile
 import time
-from importlib import resources
 from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -166,8 +166,8 @@ def add_soft_targets(dataset, model, model_path: str, replay_path: str, top_k: i
     dataset = dataset.add_column(SOFT_TARGET_WEIGHTS, probs,
                                  feature=datasets.List(datasets.List(datasets.Value("float32"))))
     logger.info("replay distillation: the base model's top-%d tokens at %d positions of %d replay rows "
-                "(they hold %.0f%% of its probability on average), %.1fs", top_k, sum(len(row_ids) for row_ids, _ in targets),
-                len(replay_rows), 100 * mass, time.perf_counter() - started)
+                "(they hold %.0f%% of its probability on average), %.1fs", top_k,
+                sum(len(row_ids) for row_ids, _ in targets), len(replay_rows), 100 * mass, time.perf_counter() - started)
     return dataset
 
 
