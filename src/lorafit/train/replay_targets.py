@@ -139,9 +139,11 @@ def add_soft_targets(dataset, model, model_path: str, replay_path: str, top_k: i
     the label is one of the tokens (`emphasized_labels`)."""
     import datasets
 
+    from lorafit.train.replay_rotation import split_rows
+
     started = time.perf_counter()
     sources = dataset["source"]
-    replay_rows = [i for i, source in enumerate(sources) if source_file(source) == replay_path]
+    task_rows, replay_rows = split_rows(sources, replay_path)
     if not replay_rows:  # every replay answer went to evaluation or was dropped: nothing to distill
         logger.warning("replay distillation: no replay row in the training set; the task data trains alone")
         return dataset
@@ -154,11 +156,10 @@ def add_soft_targets(dataset, model, model_path: str, replay_path: str, top_k: i
     if emphasis is not None:
         tokens, weight = frozenset(emphasis[0]), emphasis[1]
         width = next(len(row_ids[0]) for row_ids, _ in targets if row_ids)
-        replay_set, emphasized = set(replay_rows), 0
-        for row, labels in enumerate(dataset["labels"]):
-            if row not in replay_set:
-                ids[row], probs[row] = emphasized_labels(labels, tokens, weight, width)
-                emphasized += sum(position[0] > 0 for position in probs[row])
+        labels, emphasized = dataset["labels"], 0
+        for row in task_rows:
+            ids[row], probs[row] = emphasized_labels(labels[row], tokens, weight, width)
+            emphasized += sum(position[0] > 0 for position in probs[row])
         logger.info("signature tokens weighted %g at %d task positions", weight, emphasized)
     mass = _mean_mass([targets_probs for _, targets_probs in targets])
     dataset = dataset.add_column(SOFT_TARGET_IDS, ids,
