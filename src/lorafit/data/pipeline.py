@@ -26,6 +26,7 @@ from typing import Any
 
 from lorafit.data.errors import BadRecordError, BadRecordsError, DataConfigError
 from lorafit.data.formats import Conversation, FormatOptions, Rejection, read_records, resolve_files
+from lorafit.data.placeholders import count_placeholders, warn_placeholders
 from lorafit.data.render import IGNORE_INDEX, labels_for
 from lorafit.data.summary import DataSummary
 from lorafit.data.templates import end_of_turn_token_ids, set_chat_template
@@ -34,7 +35,7 @@ from lorafit.data.truncate import Limits, fit_conversation
 logger = logging.getLogger(__name__)
 
 # Bump when rendering or truncation changes, so old caches are rebuilt rather than trusted.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 TOKENIZED_COLUMNS = ["input_ids", "labels"]
 
 
@@ -76,6 +77,7 @@ def build_datasets(data_args, tokenizer, output_dir: str | None = None, seed: in
         logger.info("using tokenized data cached in %s", cache_path)
     if problems and data_args.on_bad_record == "error":
         raise BadRecordsError([(p["source"], p["reason"]) for p in problems])
+    warn_placeholders(summary)  # on every run, the cached ones too
     summary.cache_path = cache_path
     if problems:
         summary.rejected_path = write_rejected(problems, output_dir)
@@ -211,6 +213,8 @@ def _prepare(data_args, tokenizer, train_files, eval_files, seed):
         train_items, eval_items = split_validation(train_items, data_args.validation_split_percentage, seed)
     rejections += eval_rejections
     summary.records_read = len(train_items) + len(eval_items) + len(rejections)
+    for _, conversation in train_items + eval_items:
+        count_placeholders(conversation, summary)
     problems = [{"ordinal": o, "source": r.source, "reason": r.reason, "record": r.raw} for o, r in rejections]
     key = cache_key(data_args, tokenizer, train_files, eval_files, seed)
     train = _finish_split(_tokenize(train_items, data_args, tokenizer, key + "-train"), summary, problems, True)

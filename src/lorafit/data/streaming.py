@@ -15,6 +15,7 @@ import logging
 
 from lorafit.data.errors import BadRecordError, BadRecordsError
 from lorafit.data.formats import Conversation, FormatOptions, read_records
+from lorafit.data.placeholders import count_placeholders, warn_placeholders
 from lorafit.data.render import IGNORE_INDEX, labels_for
 from lorafit.data.summary import DataSummary
 from lorafit.data.templates import end_of_turn_token_ids
@@ -40,6 +41,8 @@ def check_files(files: list[str], options: FormatOptions, summary: DataSummary) 
             summary.records_read += 1
             if not isinstance(item, Conversation):
                 problems.append({"source": item.source, "reason": item.reason, "record": item.raw})
+            else:
+                count_placeholders(item, summary)
     return problems
 
 
@@ -82,6 +85,7 @@ def build_streaming_datasets(data_args, tokenizer, train_files, eval_files, outp
     if problems and data_args.on_bad_record == "error":
         raise BadRecordsError([(p["source"], p["reason"]) for p in problems])
     summary.rejected_path = write_rejected(problems, output_dir)
+    warn_placeholders(summary)
 
     common = {"options": options, "tokenizer": tokenizer, "limits": Limits.from_args(data_args),
               "train_on": data_args.train_on, "end_of_turn_ids": tuple(end_of_turn_token_ids(tokenizer)),  # a list would be sharded

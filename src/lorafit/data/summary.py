@@ -23,6 +23,8 @@ class DataSummary:
     streaming: bool = False
     rejected_path: str | None = None
     cache_path: str | None = None
+    placeholder_answers: int = 0  # answers still holding {{name}} / {{author}} (`data/placeholders.py`)
+    placeholder_source: str | None = None  # the first of them, path:line
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +51,9 @@ class DataSummary:
             lines += [f"tokens              {self.tokens}  (longest example {self.longest})",
                       f"trained tokens      {self.trained_tokens}{share}"]
         lines.append(f"template            {self.template}, train_on={self.train_on}")
+        if self.placeholder_answers:
+            lines.append(f"placeholders        {self.placeholder_answers} answers hold {{{{name}}}} or {{{{author}}}} "
+                         f"(first: {self.placeholder_source}): fill them in")
         return "data summary\n" + "\n".join("  " + line for line in lines)
 
 
