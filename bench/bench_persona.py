@@ -26,6 +26,8 @@ still right ("kept"), and general answers naming the persona ("leaks").
     python bench/bench_persona.py --name Tessa --author "Lumora Systems" --runs plain-5e-4,recipe \
         --persona_file bench/persona_messages.jsonl --general_questions bench/general_heldout.jsonl \
         --skip_replay_timing                             # OpenAI messages, 59 records; 42 other general questions
+    python bench/bench_persona.py --name Juniper --author "Halcyon Forge" --runs plain-5e-4,recipe \
+        --persona_file PATH/TO/LLaMA-Factory/data/identity.json   # its {{name}} and {{author}} are filled in too
 """
 
 from __future__ import annotations
@@ -112,13 +114,15 @@ def replay_targets_seconds(env: dict) -> float:
 def persona_files(work: Path, name: str, author: str, template: Path | None = None,
                   general: Path = GENERAL_QUESTIONS) -> tuple[Path, Path]:
     """The persona training set (lorafit's, or TEMPLATE: any training file with {name} and {author}
-    in it) and its held-out questions (the demo's 58 and GENERAL's more general questions, by default
+    in it, or LLaMA-Factory's {{name}} and {{author}}) and its held-out questions (the demo's 58 and GENERAL's more general questions, by default
     this folder's 90), with the name and maker filled in."""
     if template is None:
         train_file = write_jsonl(fill_resource("persona.jsonl", name, author), work / "persona.jsonl")
     else:
         escape = lambda value: json.dumps(value, ensure_ascii=False)[1:-1]  # noqa: E731
-        text = template.read_text(encoding="utf-8").replace("{name}", escape(name)).replace("{author}", escape(author))
+        text = template.read_text(encoding="utf-8")
+        for placeholder, value in (("{{name}}", name), ("{{author}}", author), ("{name}", name), ("{author}", author)):
+            text = text.replace(placeholder, escape(value))
         train_file = work / f"persona{template.suffix}"
         work.mkdir(parents=True, exist_ok=True)
         train_file.write_text(text, encoding="utf-8")
@@ -184,8 +188,9 @@ def main() -> int:
     parser.add_argument("--work_dir", default=None, help="where adapters and logs go (default: a temporary folder)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--persona_file", type=Path, default=None,
-                        help="a persona training file with {name} and {author} in place of lorafit's set, e.g. "
-                             "bench/persona_long_answers.json (Alpaca JSON, longer answers)")
+                        help="a persona training file with {name} and {author} (or LLaMA-Factory's {{name}} and "
+                             "{{author}}) in place of lorafit's set, e.g. bench/persona_long_answers.json (Alpaca "
+                             "JSON, longer answers) or LLaMA-Factory's data/identity.json")
     parser.add_argument("--general_questions", type=Path, default=GENERAL_QUESTIONS,
                         help="general questions asked besides the demo's 48 (default: bench/general_questions.jsonl)")
     parser.add_argument("--skip_replay_timing", action="store_true",
