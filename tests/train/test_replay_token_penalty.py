@@ -116,3 +116,18 @@ def test_penalty_flags_out_of_place_are_one_error(quick_args, tmp_path, capsys, 
     assert main(["train", *quick_args(tmp_path / "run", *flags)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_described_tokens_count_the_byte_pieces(smol_tokenizer):
+    from lorafit.train.replay_token_penalty import described
+
+    latin = smol_tokenizer.encode(" Juniper assistant", add_special_tokens=False)
+    chinese = smol_tokenizer.encode("助手", add_special_tokens=False)  # bytes split over tokens
+    pieces = [t for t in chinese if "\ufffd" in smol_tokenizer.decode([t])]
+    assert pieces, "the tokenizer no longer splits these characters into byte pieces"
+    text = described(latin + pieces, smol_tokenizer)
+    assert text.startswith(", ".join(repr(smol_tokenizer.decode([t])) for t in latin))
+    assert text.endswith(f"({len(pieces)} byte pieces of characters that take several tokens)")
+    assert "\ufffd" not in text
+    assert described(pieces, smol_tokenizer) == f"({len(pieces)} byte pieces of characters that take several tokens)"
+    assert described(latin * 30, smol_tokenizer, shown=3).endswith(", ...")

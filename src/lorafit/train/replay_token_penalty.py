@@ -98,6 +98,18 @@ def penalty_chunk(exp_logits: torch.Tensor, sums: torch.Tensor, targets: torch.T
     return loss, active.sum(dim=-1, keepdim=True) * penalty.weight, active * penalty.weight
 
 
+def described(tokens: list[int], tokenizer, shown: int = 40) -> str:
+    """The tokens decoded, the first `shown` of them; a byte-level piece of a character that takes
+    several tokens (most Chinese ones) decodes to nothing readable, so those are only counted."""
+    texts = [tokenizer.decode([token]) for token in tokens]
+    readable = [repr(text) for text in texts if "\ufffd" not in text]
+    pieces = len(texts) - len(readable)
+    text = ", ".join(readable[:shown]) + (", ..." if len(readable) > shown else "")
+    if pieces:
+        text += f"{' ' if readable else ''}({pieces} byte pieces of characters that take several tokens)"
+    return text
+
+
 def task_signature_tokens(dataset, replay_path: str, tokenizer) -> list[int]:
     """`signature_tokens` of a prepared training set (task rows: every row not from `replay_path`),
     logged decoded; a warning when there are none."""
@@ -111,8 +123,7 @@ def task_signature_tokens(dataset, replay_path: str, tokenizer) -> list[int]:
                        "--replay_token_penalty and --signature_token_weight have nothing to act on",
                        100 * TASK_SHARE, 100 * REPLAY_SHARE)
         return tokens
-    shown = ", ".join(repr(tokenizer.decode([token])) for token in tokens[:40])
-    logger.info("%d signature tokens of the task data: %s%s", len(tokens), shown, ", ..." if len(tokens) > 40 else "")
+    logger.info("%d signature tokens of the task data: %s", len(tokens), described(tokens, tokenizer))
     return tokens
 
 
