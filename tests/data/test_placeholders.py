@@ -38,9 +38,9 @@ def test_unfilled_placeholders_are_counted_and_warned_each_run(tmp_path, tokeniz
         summary = prepared.summary
         # answers only: the prompt that holds "{{name}}" (record 4) is a user's text, not a slip
         assert (summary.placeholder_answers, summary.placeholder_source) == (2, f"{tmp_path / 'identity.jsonl'}:1")
-        assert "placeholders        2 answers hold {{name}} or {{author}}" in summary.format()
+        assert "placeholders        2 records hold {{name}} or {{author}} in an answer" in summary.format()
         warnings = [r.getMessage() for r in caplog.records if "placeholder" in r.getMessage()]
-        assert len(warnings) == 1 and "2 answer(s)" in warnings[0] and "identity.jsonl:1" in warnings[0]
+        assert len(warnings) == 1 and "2 record(s)" in warnings[0] and "identity.jsonl:1" in warnings[0]
 
 
 def test_filled_in_file_says_nothing(tmp_path, tokenizer, caplog):

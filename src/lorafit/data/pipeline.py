@@ -34,7 +34,8 @@ from lorafit.data.truncate import Limits, fit_conversation
 
 logger = logging.getLogger(__name__)
 
-# Bump when rendering or truncation changes, so old caches are rebuilt rather than trusted.
+# Bump when rendering, truncation or the cached summary's fields change, so old caches are rebuilt
+# rather than trusted.
 CACHE_VERSION = 2
 TOKENIZED_COLUMNS = ["input_ids", "labels"]
 

@@ -3,14 +3,15 @@
 LLaMA-Factory's `data/identity.json`, the persona set many users start from, writes the assistant's
 name and maker as `{{name}}` and `{{author}}`, to be replaced before training. Trained as it is,
 the model learns to call itself "{{name}}". Nothing is rejected (an answer about Jinja or Handlebars
-may hold such a string on purpose); the data summary counts the answers and training warns.
+may hold such a string on purpose); the data summary counts the records whose answers hold one, and
+training warns.
 """
 
 from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("lorafit.data")
+logger = logging.getLogger(__name__)
 
 PLACEHOLDERS = ("{{name}}", "{{author}}")
 
@@ -31,7 +32,7 @@ def count_placeholders(conversation, summary) -> None:
 
 def warn_placeholders(summary) -> None:
     if summary.placeholder_answers:
-        logger.warning("%d answer(s) still hold the placeholder %s (the first at %s): a persona file such as "
-                       "LLaMA-Factory's identity.json needs the assistant's name and maker written in before "
-                       "training, or the model learns to say them literally", summary.placeholder_answers,
+        logger.warning("%d record(s) still hold the placeholder %s in an answer (the first at %s): a persona "
+                       "file such as LLaMA-Factory's identity.json needs the assistant's name and maker written in "
+                       "before training, or the model learns to say them literally", summary.placeholder_answers,
                        " or ".join(PLACEHOLDERS), summary.placeholder_source)

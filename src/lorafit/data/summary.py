@@ -23,7 +23,7 @@ class DataSummary:
     streaming: bool = False
     rejected_path: str | None = None
     cache_path: str | None = None
-    placeholder_answers: int = 0  # answers still holding {{name}} / {{author}} (`data/placeholders.py`)
+    placeholder_answers: int = 0  # records with {{name}} / {{author}} still in an answer (`data/placeholders.py`)
     placeholder_source: str | None = None  # the first of them, path:line
 
     def to_dict(self) -> dict:
@@ -52,8 +52,8 @@ class DataSummary:
                       f"trained tokens      {self.trained_tokens}{share}"]
         lines.append(f"template            {self.template}, train_on={self.train_on}")
         if self.placeholder_answers:
-            lines.append(f"placeholders        {self.placeholder_answers} answers hold {{{{name}}}} or {{{{author}}}} "
-                         f"(first: {self.placeholder_source}): fill them in")
+            lines.append(f"placeholders        {self.placeholder_answers} records hold {{{{name}}}} or "
+                         f"{{{{author}}}} in an answer (first: {self.placeholder_source}): fill them in")
         return "data summary\n" + "\n".join("  " + line for line in lines)
 
 
