@@ -80,10 +80,13 @@ class ReplayRotationCallback(TrainerCallback):
         self.sampler.set_epoch(math.floor(state.epoch or 0.0))
 
 
+def source_file(source: str) -> str:
+    """The file of a record's `path:line` source."""
+    return source.rsplit(":", 1)[0]
+
+
 def split_rows(sources: list[str], replay_path: str) -> tuple[list[int], list[int]]:
     """(task rows, replay rows) of a prepared training set by each row's `path:line` source."""
-    from lorafit.train.replay_targets import source_file
-
     task, replay = [], []
     for index, source in enumerate(sources):
         (replay if source_file(source) == replay_path else task).append(index)

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.data.collate import SOFT_TARGET_IDS, SOFT_TARGET_WEIGHTS
 from lorafit.train.replay import model_fingerprint, replace_atomically
+from lorafit.train.replay_rotation import split_rows
 from lorafit.train.trained_token_loss import IGNORE_INDEX, head_weight
 
 logger = logging.getLogger(__name__)
@@ -50,11 +51,6 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 8
 CACHE_VERSION = 1
 SHIPPED_FOLDER = "replay_targets"  # in lorafit.resources: the embedded model's targets, by key
-
-
-def source_file(source: str) -> str:
-    """The file of a record's `path:line` source."""
-    return source.rsplit(":", 1)[0]
 
 
 def trained_positions(labels: list[int]) -> list[int]:
@@ -138,8 +134,6 @@ def add_soft_targets(dataset, model, model_path: str, replay_path: str, top_k: i
     none (its labels stay the targets), or with `emphasis` (tokens, W) its label at weight W where
     the label is one of the tokens (`emphasized_labels`)."""
     import datasets
-
-    from lorafit.train.replay_rotation import split_rows
 
     started = time.perf_counter()
     sources = dataset["source"]
